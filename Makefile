@@ -1,0 +1,32 @@
+# ftlab: `make train` runs the default experiment, `make test` runs the test suite.
+# Both create .venv and install the project on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test test-all lint tensorboard clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import ftlab, torch, lightning, hydra, timm" 
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m ftlab $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir outputs --bind_all
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

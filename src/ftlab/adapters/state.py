@@ -1,0 +1,254 @@
+"""Saving and loading adapters: small safetensors files that re-create themselves on a fresh base model.
+
+File layout: tensors = ``adapter_state_dict`` (adapter parameters, PiSSA residual base weights, and every
+tensor under the caller's ``extra_prefixes``); safetensors metadata ``"ftlab_adapter"`` = JSON of
+``adapter_config`` (+ ``extra_prefixes``), plus any user metadata as strings. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ftlab.adapters.common import (
+    _join,
+    adapter_layers,
+    check_prefixes_exist,
+    find_targets,
+    normalise_prefixes,
+    under_prefix,
+)
+from ftlab.adapters.lora import LoRALayer, add_lora, check_lora_targets, make_lora_config
+from ftlab.adapters.ssf import SSF_TYPES, add_ssf, check_ssf_targets
+
+CONFIG_KEY = "ftlab_adapter"
+FORMAT = "ftlab.adapters"
+VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, extra_prefixes: str | Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Adapter tensors by full name, detached, contiguous cpu copies.
+
+    Includes the base ``weight`` of PiSSA layers (it holds the residual W − s·B·A, not the pretrained
+    weight) and every parameter/buffer under ``extra_prefixes`` (module paths, e.g. the classifier head,
+    or BatchNorm layers whose running statistics were re-estimated).
+    """
+    prefixes = normalise_prefixes(extra_prefixes)
+    full = model.state_dict()
+    check_prefixes_exist(full, prefixes, "adapter_state_dict")
+    keys = [_join(name, rel) for name, layer in adapter_layers(model) for rel in layer.adapter_state_keys()]
+    keys += [k for k in full if any(under_prefix(k, p) for p in prefixes)]
+    # Copies, so the result neither aliases live parameters nor shares storage (safetensors refuses that).
+    return {k: full[k].detach().to("cpu", copy=True).contiguous() for k in dict.fromkeys(keys)}
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """JSON-able description that re-creates the model's adapters on a fresh base.
+
+    ``{"format": "ftlab.adapters", "version": 1,
+       "lora": [{"modules": [...], "rank": 8, "alpha": 16.0, "dropout": 0.0, "init": "kaiming",
+                 "rslora": false, "dora": false, "qkv": null | ["q", "v"]}, ...],
+       "ssf": {"modules": [...]}}``
+    LoRA layers sharing identical hyper-parameters form one group.
+    """
+    lora_groups: dict[str, dict[str, Any]] = {}
+    ssf_modules: list[str] = []
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, LoRALayer):
+            hparams = layer.adapter_hparams()
+            group = lora_groups.setdefault(json.dumps(hparams, sort_keys=True), {"modules": [], **hparams})
+            group["modules"].append(name)
+        else:
+            ssf_modules.append(name)
+    return {"format": FORMAT, "version": VERSION, "lora": list(lora_groups.values()), "ssf": {"modules": ssf_modules}}
+
+
+def _resolve(model: nn.Module, names: list[str], supported: tuple[type, ...], method: str) -> list[tuple[str, nn.Module]]:
+    matched = find_targets(model, [re.escape(n) for n in names], supported, method)
+    absent = sorted(set(names) - {n for n, _ in matched})
+    if absent:
+        raise ValueError(f"{method}: the adapter config names modules this model lacks: {absent[:10]}")
+    return matched
+
+
+def apply_adapter_config(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
+    """Add the adapters described by ``config`` (from ``adapter_config``) with placeholder (zero) values.
+
+    Modules that already carry the identical adapter are left alone, so loading into a model that was
+    adapted by hand works too. Returns the sorted names of all modules the config covers.
+    """
+    if config.get("format", FORMAT) != FORMAT or int(config.get("version", VERSION)) > VERSION:
+        raise ValueError(f"unsupported adapter config format/version: {config.get('format')}/{config.get('version')}")
+    existing = dict(adapter_layers(model))
+    covered: list[str] = []
+    for group in config.get("lora", []):
+        hparams = make_lora_config(
+            group["rank"],
+            group["alpha"],
+            group.get("dropout", 0.0),
+            group.get("init", "kaiming"),
+            group.get("rslora", False),
+            group.get("dora", False),
+            group.get("qkv"),
+        )
+        todo = []
+        for name in group["modules"]:
+            layer = existing.get(name)
+            if layer is None:
+                todo.append(name)
+            elif not isinstance(layer, LoRALayer) or layer.adapter_hparams() != hparams:
+                raise ValueError(f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})")
+        if todo:
+            matched = _resolve(model, todo, (nn.Linear, nn.Conv2d), "load_adapter")
+            check_lora_targets(matched, hparams)
+            for _, module in matched:
+                add_lora(module, hparams, initialise=False)
+        covered += group["modules"]
+    ssf_names = list(config.get("ssf", {}).get("modules", []))
+    todo = []
+    for name in ssf_names:
+        layer = existing.get(name)
+        if layer is None:
+            todo.append(name)
+        elif layer.method != "ssf":
+            raise ValueError(f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})")
+    if todo:
+        matched = _resolve(model, todo, SSF_TYPES, "load_adapter")
+        check_ssf_targets(matched)
+        for _, module in matched:
+            add_ssf(module)
+    covered += ssf_names
+    return sorted(covered)
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    extra_prefixes: str | Iterable[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Write ``adapter_state_dict`` + config to a ``.safetensors`` file; returns its size in bytes.
+
+    Non-string metadata values are stored as JSON (falling back to ``str``), since safetensors metadata
+    is a string-to-string map.
+    """
+    state = adapter_state_dict(model, extra_prefixes)
+    if not state:
+        raise ValueError("save_adapter: the model has no adapters and no extra_prefixes were given")
+    config = adapter_config(model)
+    config["extra_prefixes"] = normalise_prefixes(extra_prefixes)
+    header = {CONFIG_KEY: json.dumps(config)}
+    for key, value in (metadata or {}).items():
+        if key == CONFIG_KEY:
+            raise ValueError(f"metadata key {CONFIG_KEY!r} is reserved")
+        header[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=header)
+    return path.stat().st_size
+
+
+def read_adapter_file(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, str]]:
+    """(tensors, adapter config or None, remaining user metadata) of a safetensors adapter file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file (pickled checkpoints are refused): {err}") from err
+    raw = metadata.pop(CONFIG_KEY, None)
+    return tensors, (json.loads(raw) if raw is not None else None), metadata
+
+
+def load_adapter(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    strict: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Re-create the adapters (unless already present) and load their tensors; returns adapted module names.
+
+    ``path_or_state_dict``: a file written by ``save_adapter`` (its config is used unless ``config`` is
+    given), or a state dict plus ``config``. Keys in HF-peft form (``base_model.model.…``) are converted
+    with ``peft_to_ftlab_keys``. ``strict``: every adapter tensor of the model must be present and every
+    given key must exist in the model.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        state, file_config, _ = read_adapter_file(path_or_state_dict)
+        config = config if config is not None else file_config
+    else:
+        state = dict(path_or_state_dict)
+    if any(k.startswith(PEFT_PREFIX) for k in state):
+        state = peft_to_ftlab_keys(state)
+    if config is not None:
+        apply_adapter_config(model, config)
+    layers = adapter_layers(model)
+    if not layers and config is None:
+        raise ValueError("load_adapter: the model has no adapters and no config was given; pass config=...")
+    expected = {_join(name, rel) for name, layer in layers for rel in layer.adapter_state_keys()}
+    model_keys = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - model_keys)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"load_adapter: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in model_keys}, strict=False)
+    return sorted(name for name, _ in layers)
+
+
+def peft_to_ftlab_keys(state_dict: Mapping[str, Any], adapter_name: str = "default") -> dict[str, Any]:
+    """Rename HF-peft LoRA keys to ftlab keys (values untouched).
+
+    Handles both peft's saved form (``base_model.model.<m>.lora_A.weight``, ``<m>.lora_magnitude_vector``)
+    and its in-memory form (``<m>.lora_A.default.weight``, ``<m>.lora_magnitude_vector.default.weight``,
+    ``<m>.base_layer.weight``, ``<m>.modules_to_save.default.<p>``). peft's frozen duplicate of a
+    modules_to_save layer (``<m>.original_module.<p>``) is dropped, the only non-rename.
+    """
+    name = re.escape(adapter_name)
+    rules = [
+        (re.compile(rf"\.(lora_A|lora_B)\.{name}\."), r".\1."),
+        (re.compile(rf"\.lora_magnitude_vector\.{name}(\.weight)?$"), ".lora_magnitude_vector"),
+        (re.compile(rf"\.modules_to_save\.{name}\."), "."),
+        (re.compile(r"\.base_layer\."), "."),
+    ]
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if re.search(r"(^|\.)original_module\.", new):
+            continue
+        for pattern, repl in rules:
+            new = pattern.sub(repl, new)
+        if new in out:
+            raise ValueError(f"peft_to_ftlab_keys: two keys map to {new!r}")
+        out[new] = value
+    return out
+
+
+def ftlab_to_peft_keys(state_dict: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, Any]:
+    """Rename ftlab keys to HF-peft keys (values untouched); inverse of ``peft_to_ftlab_keys``.
+
+    ``adapter_name=None`` gives peft's saved-file form (``base_model.model.<m>.lora_A.weight``); a name
+    gives its in-memory form (``…lora_A.<name>.weight``). Keys of qkv slices (``lora_A.q.weight``) and SSF
+    have no peft equivalent and are only prefixed; a PiSSA residual ``<m>.weight`` is a base weight to peft.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        if adapter_name is not None:
+            new = re.sub(r"\.(lora_A|lora_B)\.", rf".\1.{adapter_name}.", new)
+            new = re.sub(r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{adapter_name}.weight", new)
+        out[PEFT_PREFIX + new] = value
+    return out

@@ -1,0 +1,183 @@
+"""The one LightningModule every strategy shares: loss, metrics, optimizer and schedule live here.
+
+A strategy (``ftlab.methods``) subclasses :class:`ClassifierModule` and only decides which
+parameters exist and train (:meth:`configure_trainable`) and which of them are new
+(:meth:`new_parameter_names`, trained at ``lr``; pretrained ones at ``lr * backbone_lr_mult``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ftlab.models import build_backbone
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    # compute_groups would share state between top-1 F1 and top-5 accuracy (same shapes) and corrupt F1.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Per-step multiplier: linear warm-up from ~0 to 1, then cosine decay to 0."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class ClassifierModule(L.LightningModule):
+    """Fine-tune a pretrained backbone with a new head; subclasses choose what trains."""
+
+    method = "full"
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        source: str = "timm",
+        name: str = "resnet18",
+        pretrained: bool = True,
+        weights: str | None = "DEFAULT",
+        checkpoint: str | None = None,
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 1.0,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.0,
+        warmup_ratio: float = 0.1,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        freeze_norm_stats: bool = False,
+        **method_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        # The optimizer partial is code, not a hyper-parameter worth pickling into checkpoints.
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        backbone = build_backbone(source, name, num_classes, pretrained, weights, checkpoint)
+        self.net = backbone.net
+        self.head_name = backbone.head_name
+        self.data_config = backbone.data_config
+        self.weight_source = backbone.weight_source
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+        self.val_acc_best = MaxMetric()
+        self.configure_trainable(**method_kwargs)
+
+    # -- what a strategy decides -------------------------------------------------------------
+    def configure_trainable(self, **method_kwargs: Any) -> None:
+        """Full fine-tuning: every weight trains."""
+        if method_kwargs:
+            raise TypeError(f"{type(self).__name__} takes no method keys, got {sorted(method_kwargs)}")
+        self.net.requires_grad_(True)
+
+    def new_parameter_names(self) -> set[str]:
+        """Parameters created for the task (head, adapters): trained at the full ``lr``."""
+        prefix = f"net.{self.head_name}."
+        return {n for n, _ in self.named_parameters() if n.startswith(prefix)}
+
+    # -- frozen normalisation statistics --------------------------------------------------
+    def train(self, mode: bool = True) -> ClassifierModule:
+        super().train(mode)
+        if mode and self.hparams.get("freeze_norm_stats"):
+            # A frozen backbone keeps its running statistics: BN layers stay in eval mode.
+            for module in self.net.modules():
+                if isinstance(module, _NORM_TYPES):
+                    module.eval()
+        return self
+
+    # -- forward / steps ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict(values, prog_bar=False)
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    # -- optimisation --------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Head/adapters at ``lr``, pretrained weights at ``lr * backbone_lr_mult``; no decay on norms/biases."""
+        hp = self.hparams
+        new = self.new_parameter_names()
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = ("new" if name in new else "pretrained", param.ndim > 1)
+            groups.setdefault(key, []).append(param)
+        out = []
+        for (kind, decay), params in sorted(groups.items()):
+            lr = hp.lr if kind == "new" else hp.lr * hp.backbone_lr_mult
+            out.append(
+                {
+                    "params": params,
+                    "lr": lr,
+                    "weight_decay": hp.weight_decay if decay else 0.0,
+                    "name": f"{kind}{'' if decay else '_no_decay'}",
+                }
+            )
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, self.hparams.warmup_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- reporting -------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.net.parameters())
+        trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        return {"params_total": total, "params_trainable": trainable}

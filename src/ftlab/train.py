@@ -1,0 +1,193 @@
+"""`python -m ftlab`: compose the configs, fine-tune, test, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ftlab.errors import UserError
+from ftlab.validate import validate
+
+log = logging.getLogger("ftlab")
+
+# conf/ sits at the repository root beside src/ (editable installs and checkouts).
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically so a crash never leaves a truncated metrics file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if not ckpt_path:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        hint = " (resume inside the run's directory: add hydra.run.dir=<run dir>)" if ckpt_path == "last" else ""
+        raise UserError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
+    return str(path)
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test one configuration; return the metrics written to ``metrics.json``."""
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    classes = datamodule.discover()
+    model = instantiate(cfg.model, num_classes=len(classes), class_names=classes, _convert_="all")
+    datamodule.set_preprocessing(model.data_config)
+    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
+
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
+    if trainer.interrupted:
+        raise UserError("training was interrupted; resume with ckpt_path=last hydra.run.dir=" + str(output_dir))
+    fit_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+
+    test_metrics: dict[str, Any] = {}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False)
+        test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    metrics: dict[str, Any] = {
+        "method": hydra_cfg.runtime.choices.get("method") if hydra_cfg else type(model).method,
+        "model": cfg.model.name,
+        "data": str(datamodule.root),
+        "num_classes": len(classes),
+        "split_sizes": datamodule.split_sizes(),
+        "test_on_val": datamodule.test_on_val,
+        **model.parameter_counts(),
+        "weight_source": model.weight_source,
+        "val/acc_best": fit_metrics.get("val/acc_best"),
+        "val/acc": fit_metrics.get("val/acc"),
+        "val/f1": fit_metrics.get("val/f1"),
+        **test_metrics,
+        "fit_seconds": round(fit_seconds, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "epochs": trainer.current_epoch,
+        "global_steps": trainer.global_step,
+        "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "output_dir": str(output_dir),
+    }
+    metrics["params_trainable_pct"] = round(100.0 * metrics["params_trainable"] / metrics["params_total"], 4)
+    if trainer.is_global_zero:
+        _write_json(output_dir / "metrics.json", metrics)
+        print_summary(metrics)
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ftlab: {metrics['method']} on {metrics['model']}", show_header=False)
+    for key in (
+        "data", "num_classes", "params_total", "params_trainable", "params_trainable_pct",
+        "val/acc_best", "test/acc", "test/f1", "test/acc_top5", "fit_seconds", "peak_rss_mb", "epochs", "output_dir",
+    ):
+        if metrics.get(key) is not None:
+            value = metrics[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key not in ("fit_seconds", "peak_rss_mb") else str(value))
+    if metrics.get("test_on_val"):
+        table.add_row("note", "no test/ split: test metrics are on the validation split")
+    Console(stderr=False).print(table)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message for a user mistake anywhere in the exception chain, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            return str(exc)
+        if isinstance(exc, MissingMandatoryValue):
+            key = getattr(exc, "full_key", "") or ""
+            return f"{key}: a value is required (set it on the command line, e.g. {key}=...)"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_group_choices(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
+    """Name an unknown ``group=option`` (e.g. ``method=lorra``) in one line, with the closest options."""
+    from ftlab.errors import suggest
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        group_dir = Path(config_dir) / key
+        if not sep or "." in key or not group_dir.is_dir() or key == "hydra":
+            continue
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in options and not choice.startswith(("range(", "choice(", "interval(")):
+                raise UserError(f"{key}={choice}: no such option. Options: {', '.join(options)}.{suggest(choice, options)}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        print(f"ftlab: error: {message}", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+            raise UserError(message) from None
+        sys.exit(1)
+    value = metrics.get(cfg.optimized_metric)
+    return float(value) if value is not None else None
+
+
+def main() -> float | None:
+    """Console entry point: ``python -m ftlab [overrides]``."""
+    try:
+        check_group_choices(sys.argv[1:])
+    except UserError as exc:
+        print(f"ftlab: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    return _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny generated ImageFolder trees, composed real configs, the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from ftlab.train import CONFIG_DIR
+
+REPO = Path(CONFIG_DIR).parent
+# A tiny timm network (~0.5M params) keeps end-to-end tests to seconds.
+TINY_MODEL = ["model=timm", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32"]
+FAST_TRAINER = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0"]
+
+
+def make_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: int = 10,
+    splits: tuple[str, ...] = ("train",),
+    size: int = 20,
+) -> Path:
+    """Write a learnable toy dataset: each class is a distinct colour with noise."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., c % 3] = 200
+                img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "images", splits=("train", "test"))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ftlab.data import materialize_digits
+
+    return materialize_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose the shipped configs with overrides, as the CLI would, writing into tmp_path."""
+
+    def _compose(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        run_dir = run_dir or tmp_path / "run"
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(
+                config_name="config",
+                overrides=[f"hydra.run.dir={run_dir}", *overrides],
+                return_hydra_config=True,
+            )
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.output_dir = str(run_dir)
+            cfg.hydra.runtime.output_dir = str(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m ftlab`` in a subprocess with outputs under tmp_path."""
+
+    def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "FTLAB_OUTPUT_DIR": str(tmp_path / "outputs"), "FTLAB_DATA_DIR": str(tmp_path / "data")}
+        return subprocess.run(
+            [sys.executable, "-m", "ftlab", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return _run

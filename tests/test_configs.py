@@ -1,0 +1,93 @@
+"""Every shipped YAML composes, and every _target_ accepts the keys its config gives it (no drift)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, get_method
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ftlab.train import CONFIG_DIR
+from ftlab.validate import CHECKS
+
+GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+
+
+def _targets(node: object, path: str = ""):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            if path or key != "hydra":
+                yield from _targets(node[key], f"{path}.{key}" if path else str(key))
+
+
+def _check_signature(path: str, node: DictConfig) -> None:
+    target = node._target_
+    try:
+        obj = get_class(target)
+        params = inspect.signature(obj.__init__).parameters
+    except (ImportError, ValueError):
+        obj = get_method(target)
+        params = inspect.signature(obj).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and not isinstance(obj, type):
+        return
+    keys = [k for k in node if not str(k).startswith("_")]
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in keys if k not in params]
+    if accepts_kwargs and isinstance(obj, type):
+        # The LightningModule forwards extra keys to configure_trainable(); check them there.
+        hook = getattr(obj, "configure_trainable", None)
+        hook_params = inspect.signature(hook).parameters if hook else {}
+        unknown = [k for k in unknown if k not in hook_params]
+    assert not unknown, f"{path} ({target}) does not accept {unknown}"
+
+
+def test_every_group_has_options() -> None:
+    for group in ("data", "model", "method", "trainer", "callbacks", "logger", "paths", "experiment"):
+        assert any(g == group for g, _ in OPTIONS), group
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_matches_code(compose_cfg, group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "imagefolder":
+        overrides.append("data.root=/tmp/anything")
+    cfg = compose_cfg(overrides)
+    for key in cfg:
+        if key != "hydra" and isinstance(cfg[key], DictConfig):
+            OmegaConf.to_container(cfg[key], resolve=True)  # every interpolation resolves
+    for path, node in _targets(cfg):
+        _check_signature(path, node)
+
+
+def test_typo_in_key_fails(compose_cfg) -> None:
+    with pytest.raises(Exception, match="rnak"):
+        compose_cfg(["model.rnak=16"])
+
+
+def test_validation_checks_point_at_real_keys(compose_cfg) -> None:
+    cfg = compose_cfg(["data=imagefolder", "data.root=/x"])
+    for key in CHECKS:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+
+
+def test_run_dir_names_method_and_model(compose_cfg) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=timm", "model.name=resnet18"], return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.hydra.job.num = 3
+    HydraConfig.instance().set_config(cfg)
+    run_dir = cfg.hydra.run.dir
+    assert run_dir.endswith("_full_resnet18"), run_dir
+    assert "/runs/" in run_dir
+    assert cfg.hydra.sweep.subdir == "3_full_resnet18"
