@@ -85,7 +85,9 @@ def cnn() -> TinyCNN:
 
 def vit() -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3).eval()
+    return VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3
+    ).eval()
 
 
 def inputs(model: nn.Module) -> torch.Tensor:
@@ -261,7 +263,11 @@ def test_peft_names_and_shapes_for_linear() -> None:
     model = mlp()
     apply_lora(model, "fc", rank=R, dora=True)
     shapes = {n: tuple(p.shape) for n, p in adapter_params(model).items()}
-    assert shapes == {"fc.lora_A.weight": (R, 6), "fc.lora_B.weight": (10, R), "fc.lora_magnitude_vector": (10,)}
+    assert shapes == {
+        "fc.lora_A.weight": (R, 6),
+        "fc.lora_B.weight": (10, R),
+        "fc.lora_magnitude_vector": (10,),
+    }
     # The base keys are untouched, so a plain checkpoint loads into the adapted model as is.
     model.load_state_dict(mlp().state_dict(), strict=False)
     assert set(mlp().state_dict()) <= set(model.state_dict())
@@ -397,7 +403,9 @@ def test_save_load_roundtrip(variant: str, tmp_path) -> None:
     tensors, config, meta = read_adapter_file(path)
     assert meta == {"epoch": "3", "note": "hi"}
     assert config["extra_prefixes"] == [head]
-    assert json.loads(json.dumps(adapter_config(model))) == {k: v for k, v in config.items() if k != "extra_prefixes"}
+    assert json.loads(json.dumps(adapter_config(model))) == {
+        k: v for k, v in config.items() if k != "extra_prefixes"
+    }
     if "pissa" in variant:
         pissa_layers = [n for g in config["lora"] if g["init"] == "pissa" for n in g["modules"]]
         assert pissa_layers and all(f"{n}.weight" in tensors for n in pissa_layers)
@@ -548,3 +556,22 @@ def test_dropout_only_active_in_train_mode() -> None:
         torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
         model.train()
         assert not torch.equal(model(x), model(x))
+
+
+def test_ssf_on_groupnorm_and_affine_free_layernorm() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(2), nn.LayerNorm(16, elementwise_affine=False)
+    )
+    model = copy.deepcopy(base)
+    assert apply_ssf(model, ["1", "3"]) == ["1", "3"]
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="single"):
+        apply_ssf(nn.Sequential(nn.LayerNorm((4, 4))), "0")
+    perturb(model)
+    expected = model(x)
+    merge_adapters(model)
+    assert type(model[3]) is nn.LayerNorm
+    assert set(model.state_dict()) == set(base.state_dict()) | {"3.weight", "3.bias"}
+    assert rel_err(model(x), expected) < 1e-5

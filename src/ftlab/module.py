@@ -39,7 +39,7 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

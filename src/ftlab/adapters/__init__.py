@@ -1,17 +1,17 @@
-"""Parameter-efficient adapters for pretrained image classifiers (LoRA family and SSF).
+r"""Parameter-efficient adapters for pretrained image classifiers (LoRA family and SSF).
 
 Adapters are added *in place* and keep the adapted layer's ``weight``/``bias`` at the same module path, so
 a plain pretrained state dict loads into an adapted model without any key remapping::
 
     from ftlab.adapters import apply_lora, apply_ssf, mark_trainable, merge_adapters, save_adapter, load_adapter
 
-    apply_lora(model, r".*\\.attn\\.qkv", rank=8, alpha=16, qkv="q,v")   # regexes full-match module names
-    apply_lora(model, [r".*\\.mlp\\.fc\\d"], rank=8, dora=True)           # DoRA magnitudes on top of LoRA
-    apply_ssf(model, r".*norm\\d?")                                        # per-channel scale & shift
-    mark_trainable(model, extra=["head"])            # freeze all but adapters + head; returns #elements
+    apply_lora(model, r".*\.attn\.qkv", rank=8, alpha=16, qkv="q,v")  # regexes full-match module names
+    apply_lora(model, [r".*\.mlp\.fc\d"], rank=8, dora=True)          # DoRA magnitudes on top of LoRA
+    apply_ssf(model, r"blocks\.\d+\.norm\d")                         # per-channel scale & shift
+    mark_trainable(model, extra=["head"])        # freeze all but adapters + head; returns #elements
     save_adapter(model, "adapter.safetensors", extra_prefixes=["head"])
-    load_adapter(fresh_pretrained_model, "adapter.safetensors")    # re-applies adapters, loads tensors
-    merge_adapters(model)                            # back to plain layers (same classes, same keys)
+    load_adapter(fresh_pretrained_model, "adapter.safetensors")  # re-applies adapters, loads tensors
+    merge_adapters(model)                        # back to plain layers (same classes, same keys)
 
 - ``apply_lora(model, targets, rank=8, alpha=16.0, dropout=0.0, init="kaiming"|"gaussian"|"pissa",
   rslora=False, dora=False, qkv=None) -> list[str]``: LoRA on matched ``nn.Linear``/``nn.Conv2d``

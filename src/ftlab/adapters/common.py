@@ -70,8 +70,12 @@ def adapted_class(mixin: type, base: type) -> type:
         _CLASS_CACHE[key] = type(
             name,
             (mixin, base),
-            {"_ftlab_base": base, "_ftlab_mixin": mixin.__qualname__, "__module__": mixin.__module__,
-             "__qualname__": name},
+            {
+                "_ftlab_base": base,
+                "_ftlab_mixin": mixin.__qualname__,
+                "__module__": mixin.__module__,
+                "__qualname__": name,
+            },
         )
     return _CLASS_CACHE[key]
 

@@ -39,7 +39,9 @@ def magnitude_scale(layer: LoRALayer) -> torch.Tensor:
     return magnitude / norm.to(magnitude.dtype)
 
 
-def dora_output(layer: LoRALayer, base_out: torch.Tensor, lora_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def dora_output(
+    layer: LoRALayer, base_out: torch.Tensor, lora_out: torch.Tensor, channel_dim: int
+) -> torch.Tensor:
     """Combine base and LoRA outputs; written as y + (g-1)(y-b) + g·Δ so g == 1 returns y + Δ exactly."""
     shape = [1] * base_out.dim()
     shape[channel_dim] = -1

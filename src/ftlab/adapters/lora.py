@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -145,16 +146,16 @@ def make_lora_config(
     qkv: str | Iterable[str] | None,
 ) -> dict[str, Any]:
     """Validated, JSON-able LoRA hyper-parameters (the form stored in ``adapter_config``)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     return {
-        "rank": rank,
+        "rank": int(rank),
         "alpha": float(alpha),
         "dropout": float(dropout),
         "init": init,
@@ -184,7 +185,9 @@ def check_lora_targets(matched: list[tuple[str, nn.Module]], config: dict[str, A
         )
     standardised = [n for n, m in matched if isinstance(m, _weight_standardised_convs())]
     if standardised:
-        raise ValueError(f"LoRA cannot adapt weight-standardised convolutions (StdConv2d family): {standardised}")
+        raise ValueError(
+            f"LoRA cannot adapt weight-standardised convolutions (StdConv2d family): {standardised}"
+        )
     if config["qkv"] is not None:
         bad = [n for n, m in matched if not isinstance(m, nn.Linear) or m.out_features % 3]
         if bad:
@@ -246,7 +249,9 @@ def add_lora(module: nn.Module, config: dict[str, Any], initialise: bool = True)
         pairs = [(lora_a, lora_b)]
     elif config["qkv"] is not None:
         d = module.out_features // 3
-        lora_a = nn.ModuleDict({k: nn.Linear(module.in_features, rank, bias=False, **factory) for k in config["qkv"]})
+        lora_a = nn.ModuleDict(
+            {k: nn.Linear(module.in_features, rank, bias=False, **factory) for k in config["qkv"]}
+        )
         lora_b = nn.ModuleDict({k: nn.Linear(rank, d, bias=False, **factory) for k in config["qkv"]})
         pairs = [(lora_a[k], lora_b[k]) for k in config["qkv"]]
     else:

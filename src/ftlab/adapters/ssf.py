@@ -108,9 +108,11 @@ class SSFNorm(_SSFBase):
         restore_base(self)
 
 
-def add_ssf(module: nn.Module) -> None:
+def add_ssf(module: nn.Module, fallback: torch.Tensor | None = None) -> None:
+    """``fallback`` sets dtype/device when the layer owns no tensor (e.g. a LayerNorm without affine)."""
     channels = _channels(module)
     like = reference_tensor(module)
+    like = like if like is not None else fallback
     mixin = SSFNorm if isinstance(module, NORM_TYPES) else SSFLayer
     swap_in(module, mixin)
     module.ssf_scale = new_param(torch.ones(channels), like)
@@ -128,6 +130,7 @@ def apply_ssf(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     LayerNorm/GroupNorm (subclasses included). Returns the sorted adapted module names."""
     matched = find_targets(model, targets, SSF_TYPES, "apply_ssf")
     check_ssf_targets(matched)
+    fallback = next(iter(model.parameters()), None)
     for _, module in matched:
-        add_ssf(module)
+        add_ssf(module, fallback)
     return sorted(name for name, _ in matched)

@@ -70,10 +70,17 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
             group["modules"].append(name)
         else:
             ssf_modules.append(name)
-    return {"format": FORMAT, "version": VERSION, "lora": list(lora_groups.values()), "ssf": {"modules": ssf_modules}}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "lora": list(lora_groups.values()),
+        "ssf": {"modules": ssf_modules},
+    }
 
 
-def _resolve(model: nn.Module, names: list[str], supported: tuple[type, ...], method: str) -> list[tuple[str, nn.Module]]:
+def _resolve(
+    model: nn.Module, names: list[str], supported: tuple[type, ...], method: str
+) -> list[tuple[str, nn.Module]]:
     matched = find_targets(model, [re.escape(n) for n in names], supported, method)
     absent = sorted(set(names) - {n for n, _ in matched})
     if absent:
@@ -88,7 +95,9 @@ def apply_adapter_config(model: nn.Module, config: Mapping[str, Any]) -> list[st
     adapted by hand works too. Returns the sorted names of all modules the config covers.
     """
     if config.get("format", FORMAT) != FORMAT or int(config.get("version", VERSION)) > VERSION:
-        raise ValueError(f"unsupported adapter config format/version: {config.get('format')}/{config.get('version')}")
+        raise ValueError(
+            f"unsupported adapter config format/version: {config.get('format')}/{config.get('version')}"
+        )
     existing = dict(adapter_layers(model))
     covered: list[str] = []
     for group in config.get("lora", []):
@@ -107,7 +116,9 @@ def apply_adapter_config(model: nn.Module, config: Mapping[str, Any]) -> list[st
             if layer is None:
                 todo.append(name)
             elif not isinstance(layer, LoRALayer) or layer.adapter_hparams() != hparams:
-                raise ValueError(f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})")
+                raise ValueError(
+                    f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})"
+                )
         if todo:
             matched = _resolve(model, todo, (nn.Linear, nn.Conv2d), "load_adapter")
             check_lora_targets(matched, hparams)
@@ -121,12 +132,15 @@ def apply_adapter_config(model: nn.Module, config: Mapping[str, Any]) -> list[st
         if layer is None:
             todo.append(name)
         elif layer.method != "ssf":
-            raise ValueError(f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})")
+            raise ValueError(
+                f"load_adapter: {name} already carries a different adapter ({type(layer).__name__})"
+            )
     if todo:
         matched = _resolve(model, todo, SSF_TYPES, "load_adapter")
         check_ssf_targets(matched)
+        fallback = next(iter(model.parameters()), None)
         for _, module in matched:
-            add_ssf(module)
+            add_ssf(module, fallback)
     covered += ssf_names
     return sorted(covered)
 
@@ -167,7 +181,9 @@ def read_adapter_file(
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file (pickled checkpoints are refused): {err}") from err
+        raise ValueError(
+            f"{path} is not a readable safetensors file (pickled checkpoints are refused): {err}"
+        ) from err
     raw = metadata.pop(CONFIG_KEY, None)
     return tensors, (json.loads(raw) if raw is not None else None), metadata
 
@@ -226,7 +242,7 @@ def peft_to_ftlab_keys(state_dict: Mapping[str, Any], adapter_name: str = "defau
     ]
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        new = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         if re.search(r"(^|\.)original_module\.", new):
             continue
         for pattern, repl in rules:

@@ -40,7 +40,7 @@ def efficientnet_lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if len(src) != len(dst):
         raise RuntimeError(f"EfficientNet-Lite0 weights: {len(src)} tensors, timm model has {len(dst)}")
     mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(src.items(), dst.items()):
+    for (src_key, tensor), (dst_key, expected) in zip(src.items(), dst.items(), strict=True):
         if tensor.shape != expected.shape:
             raise RuntimeError(
                 f"EfficientNet-Lite0 weights: '{src_key}' {tuple(tensor.shape)} does not fit "
