@@ -25,24 +25,34 @@ def _targets(node: object, path: str = ""):
                 yield from _targets(node[key], f"{path}.{key}" if path else str(key))
 
 
+def _accepted(obj: object) -> tuple[set[str], bool]:
+    """Keyword names a callable accepts; for classes, every __init__ up the MRO plus configure_trainable."""
+    if isinstance(obj, type):
+        names: set[str] = set()
+        open_ended = True
+        for klass in obj.__mro__:
+            if "__init__" in klass.__dict__ and open_ended:
+                params = inspect.signature(klass.__dict__["__init__"]).parameters
+                names |= set(params)
+                open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        hook = getattr(obj, "configure_trainable", None)
+        if hook is not None:
+            names |= set(inspect.signature(hook).parameters)
+        return names, False
+    params = inspect.signature(obj).parameters
+    return set(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _check_signature(path: str, node: DictConfig) -> None:
     target = node._target_
     try:
         obj = get_class(target)
-        params = inspect.signature(obj.__init__).parameters
     except (ImportError, ValueError):
         obj = get_method(target)
-        params = inspect.signature(obj).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and not isinstance(obj, type):
+    names, open_ended = _accepted(obj)
+    if open_ended:
         return
-    keys = [k for k in node if not str(k).startswith("_")]
-    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in keys if k not in params]
-    if accepts_kwargs and isinstance(obj, type):
-        # The LightningModule forwards extra keys to configure_trainable(); check them there.
-        hook = getattr(obj, "configure_trainable", None)
-        hook_params = inspect.signature(hook).parameters if hook else {}
-        unknown = [k for k in unknown if k not in hook_params]
+    unknown = [k for k in node if not str(k).startswith("_") and k not in names]
     assert not unknown, f"{path} ({target}) does not accept {unknown}"
 
 

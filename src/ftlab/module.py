@@ -67,6 +67,8 @@ class ClassifierModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         freeze_norm_stats: bool = False,
+        targets: str | Sequence[str] | None = "auto",
+        ssf_targets: str | Sequence[str] | None = "auto",
         **method_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -97,6 +99,26 @@ class ClassifierModule(L.LightningModule):
         """Parameters created for the task (head, adapters): trained at the full ``lr``."""
         prefix = f"net.{self.head_name}."
         return {n for n, _ in self.named_parameters() if n.startswith(prefix)}
+
+    def optimizer_parameter_names(self) -> set[str]:
+        """Parameters handed to the optimizer: those that train now (gradual adds later ones too)."""
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def artifact_prefixes(self) -> list[str] | None:
+        """Module/tensor paths (in ``net``) that, with the adapters, make this run's artifact.
+
+        ``None`` means the whole network (full fine-tuning). Otherwise: the head, every trainable
+        pretrained tensor, and BatchNorm running statistics when they were re-estimated.
+        """
+        from ftlab.adapters import adapter_params
+
+        adapters = set(adapter_params(self.net))
+        head = self.head_name
+        names = [n for n, p in self.net.named_parameters()
+                 if p.requires_grad and n not in adapters and not (n == head or n.startswith(head + "."))]
+        if not self.hparams.get("freeze_norm_stats"):
+            names += [n for n, _ in self.net.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+        return [head, *names]
 
     # -- frozen normalisation statistics --------------------------------------------------
     def train(self, mode: bool = True) -> ClassifierModule:
@@ -152,8 +174,9 @@ class ClassifierModule(L.LightningModule):
         hp = self.hparams
         new = self.new_parameter_names()
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        include = self.optimizer_parameter_names()
         for name, param in self.named_parameters():
-            if not param.requires_grad:
+            if name not in include:
                 continue
             key = ("new" if name in new else "pretrained", param.ndim > 1)
             groups.setdefault(key, []).append(param)

@@ -17,13 +17,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from ftlab.artifacts import write_artifacts
 from ftlab.errors import UserError
 from ftlab.validate import validate
 
 log = logging.getLogger("ftlab")
+
+# ${cwd:} works before Hydra is initialised (the multirun sweep dir is resolved that early).
+OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 # conf/ sits at the repository root beside src/ (editable installs and checkouts).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -92,6 +96,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False)
         test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
 
+    artifacts: dict[str, Any] = {}
+    if trainer.is_global_zero and cfg.get("save_artifacts", True):
+        artifacts = write_artifacts(model, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
+
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     metrics: dict[str, Any] = {
         "method": hydra_cfg.runtime.choices.get("method") if hydra_cfg else type(model).method,
@@ -106,6 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "val/acc": fit_metrics.get("val/acc"),
         "val/f1": fit_metrics.get("val/f1"),
         **test_metrics,
+        **artifacts,
         "fit_seconds": round(fit_seconds, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "epochs": trainer.current_epoch,
@@ -127,7 +136,7 @@ def print_summary(metrics: dict[str, Any]) -> None:
     table = Table(title=f"ftlab: {metrics['method']} on {metrics['model']}", show_header=False)
     for key in (
         "data", "num_classes", "params_total", "params_trainable", "params_trainable_pct",
-        "val/acc_best", "test/acc", "test/f1", "test/acc_top5", "fit_seconds", "peak_rss_mb", "epochs", "output_dir",
+        "val/acc_best", "test/acc", "test/f1", "test/acc_top5", "artifact", "artifact_bytes", "fit_seconds", "peak_rss_mb", "epochs", "output_dir",
     ):
         if metrics.get(key) is not None:
             value = metrics[key]

@@ -1,0 +1,48 @@
+"""Gradual unfreezing: the head alone for ``freeze_epochs``, then the backbone joins, block by block or at once.
+
+What trains is a pure function of the epoch number, recomputed at every epoch start, so a resumed run
+trains exactly the parameters the interrupted one would have (no callback state to lose on resume).
+"""
+
+from __future__ import annotations
+
+from ftlab.errors import UserError
+from ftlab.methods.groups import backbone_groups, head_names, set_trainable
+from ftlab.module import ClassifierModule
+
+
+class GradualUnfreezing(ClassifierModule):
+    method = "gradual"
+
+    def configure_trainable(self, freeze_epochs: int = 1, unfreeze: str = "all", epochs_per_stage: int = 1) -> None:
+        if unfreeze not in ("all", "stages"):
+            raise UserError(f"model.unfreeze={unfreeze!r}: choose 'all' or 'stages'")
+        if freeze_epochs < 0 or epochs_per_stage < 1:
+            raise UserError("model.freeze_epochs must be >= 0 and model.epochs_per_stage >= 1")
+        self.groups = backbone_groups(self.net, self.head_name)
+        self.apply_schedule(0)
+
+    def stages_unfrozen(self, epoch: int) -> int:
+        """How many backbone blocks (counted from the output end) train in ``epoch``."""
+        hp = self.hparams
+        if epoch < hp.freeze_epochs:
+            return 0
+        if hp.get("unfreeze", "all") == "all":
+            return len(self.groups)
+        return min(len(self.groups), 1 + (epoch - hp.freeze_epochs) // hp.get("epochs_per_stage", 1))
+
+    def apply_schedule(self, epoch: int) -> None:
+        k = self.stages_unfrozen(epoch)
+        names = [n for g in self.groups[len(self.groups) - k:] for n in g] if k else []
+        set_trainable(self.net, names + head_names(self.net, self.head_name))
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_schedule(self.current_epoch)
+
+    def optimizer_parameter_names(self) -> set[str]:
+        # Every parameter is in the optimizer from the start (frozen ones get no gradient, so AdamW skips
+        # them), keeping param groups and optimizer state identical across unfreezing and resume.
+        return {n for n, _ in self.named_parameters()}
+
+    def artifact_prefixes(self) -> list[str] | None:
+        return None  # the backbone ends up fully trained: the artifact is the whole model
