@@ -253,3 +253,22 @@ def test_gradual_schedule_survives_resume(compose_cfg, imagefolder: Path, tmp_pa
     assert seen["resumed"] == seen["straight"]
     assert seen["straight"][0] == {"classifier.weight", "classifier.bias"}
     assert seen["straight"][0] < seen["straight"][1] < seen["straight"][2]
+
+
+def test_linear_probe_keeps_bn_statistics_through_a_lightning_fit(compose_cfg, imagefolder: Path) -> None:
+    """Lightning toggles module modes around validation; frozen BN statistics must survive that."""
+    import lightning as L
+
+    from ftlab.data import ImageFolderDataModule
+
+    module = _module(compose_cfg, "linear", model=LITE0)
+    before = {k: v.clone() for k, v in module.net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    dm = ImageFolderDataModule(str(imagefolder), batch_size=8, num_workers=0, image_size=32, augment="none")
+    dm.discover()
+    dm.set_preprocessing(module.data_config)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, dm)
+    after = module.net.state_dict()
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(module.net.classifier.weight, _module(compose_cfg, "linear", model=LITE0).net.classifier.weight)

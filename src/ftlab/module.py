@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ftlab.models import build_backbone
+from ftlab.models.head_dropout import set_head_dropout
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -69,6 +70,7 @@ class ClassifierModule(L.LightningModule):
         freeze_norm_stats: bool = False,
         targets: str | Sequence[str] | None = "auto",
         ssf_targets: str | Sequence[str] | None = "auto",
+        head_dropout: float | None = None,
         **method_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -76,6 +78,8 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer or torch.optim.AdamW
         backbone = build_backbone(source, name, num_classes, pretrained, weights, checkpoint)
+        if head_dropout is not None:  # null keeps the backbone's own dropout before the classifier
+            set_head_dropout(backbone.net, backbone.head_name, head_dropout)
         self.net = backbone.net
         self.head_name = backbone.head_name
         self.data_config = backbone.data_config
@@ -121,14 +125,23 @@ class ClassifierModule(L.LightningModule):
         return [head, *names]
 
     # -- frozen normalisation statistics --------------------------------------------------
-    def train(self, mode: bool = True) -> ClassifierModule:
-        super().train(mode)
-        if mode and self.hparams.get("freeze_norm_stats"):
-            # A frozen backbone keeps its running statistics: BN layers stay in eval mode.
+    def _hold_norm_stats(self) -> None:
+        # A frozen backbone keeps its running statistics: norm layers stay in eval mode.
+        if self.hparams.get("freeze_norm_stats"):
             for module in self.net.modules():
                 if isinstance(module, _NORM_TYPES):
                     module.eval()
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        super().train(mode)
+        if mode:
+            self._hold_norm_stats()
         return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores per-module training flags around validation without calling train(),
+        # so the eval mode of frozen norm layers is re-asserted before every step.
+        self._hold_norm_stats()
 
     # -- forward / steps ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,12 +156,15 @@ class ClassifierModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
+        return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
@@ -161,8 +177,9 @@ class ClassifierModule(L.LightningModule):
             self.val_acc_best(values["val/acc"])
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metrics)
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # The logits reach callbacks' on_test_batch_end (ftlab.eval_report: confusion matrix, worst errors).
+        return self._eval_step(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
@@ -198,6 +215,17 @@ class ClassifierModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, self.hparams.warmup_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint copied out of its run directory still names its class and preprocessing
+        # (plain types only, so it loads with torch.load(weights_only=True)); see ftlab.inference.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        pre = getattr(datamodule, "preprocessing", None) or self.data_config
+        checkpoint["ftlab"] = {
+            "target": f"{type(self).__module__}.{type(self).__qualname__}",
+            "preprocessing": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in pre.items()},
+        }
 
     # -- reporting -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

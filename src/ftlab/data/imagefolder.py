@@ -1,0 +1,310 @@
+"""ImageFolder data: ``root/train`` (+ optional ``val``/``test``), one sub-folder per class."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image, ImageOps
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ftlab.data.folds import check_fold_args, stratified_fold
+from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
+from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
+from ftlab.data.transforms import AUGMENT_PRESETS, eval_transform, train_transform
+from ftlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, int]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any PIL-readable image upright (EXIF orientation applied) as RGB."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("P", "LA", "PA") or (img.mode == "RGBA"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        elif img.mode.startswith("I") or img.mode == "F":
+            # 16-bit / float grayscale: rescale to 8 bits instead of clipping.
+            img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
+        return img.convert("RGB")
+
+
+class ImageListDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform: Any = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def scan_split(split_dir: Path, class_to_idx: dict[str, int]) -> list[Sample]:
+    """All images under ``split_dir/<class>/``; a class unknown to train or with no images is an error."""
+    samples: list[Sample] = []
+    for cls in list_classes(split_dir):
+        if cls not in class_to_idx:
+            raise UserError(f"{split_dir / cls}: class '{cls}' is not in the train split")
+        files = sorted(
+            os.path.join(dp, f)
+            for dp, _, fs in os.walk(split_dir / cls, followlinks=True)
+            for f in fs
+            if _is_image(f)
+        )
+        if not files:
+            raise UserError(f"{split_dir / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+        samples += [(f, class_to_idx[cls]) for f in files]
+    return samples
+
+
+def check_images(samples: Sequence[Sample]) -> None:
+    """Fail before training, naming the file, if an image cannot be decoded (see ftlab.data.image_check)."""
+    screen(samples, "error")
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Train/val/test loaders over an ImageFolder tree.
+
+    No ``val/``: a stratified ``val_fraction`` split of ``train/`` (seeded). No ``test/``: the
+    test stage uses val, and says so. Eval preprocessing comes from the backbone
+    (:meth:`set_preprocessing`); ``image_size``/``crop_pct`` override it.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        num_workers: int | str = "auto",
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        augment: str = "basic",
+        hflip: bool = True,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        seed: int = 0,
+        check_images: bool = True,
+        folds: int | None = None,
+        fold: int | None = None,
+        on_bad_image: str = "error",
+    ) -> None:
+        super().__init__()
+        if augment not in AUGMENT_PRESETS:
+            raise UserError(f"data.augment={augment!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise UserError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+        if on_bad_image == "skip" and not check_images:
+            raise UserError("data.on_bad_image=skip needs data.check_images=true (the upfront check finds them)")
+        # error: the first unusable image stops the run before training; skip: drop them with one warning.
+        self.on_bad_image = on_bad_image
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = self._resolve_workers(num_workers)
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self.augment = augment
+        self.hflip = hflip
+        self.crop_scale = tuple(crop_scale)
+        self.seed = seed
+        self.check = check_images
+        # Cross-validation (ftlab.crossval): with `fold` set, train/val are fold `fold` of `folds`
+        # stratified folds over train+val pooled; the test split is untouched.
+        check_fold_args(folds, fold)
+        self.folds = folds
+        self.fold = fold
+        self.classes: list[str] = []
+        self.preprocessing: dict[str, Any] | None = None
+        self.test_on_val = False
+        self._splits: dict[str, list[Sample]] = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch restart
+
+    @staticmethod
+    def _resolve_workers(n: int | str) -> int:
+        if n == "auto":
+            # Leave a core for the training process; small machines gain nothing from more.
+            return max(1, min(8, (os.cpu_count() or 2) - 1))
+        return int(n)
+
+    # -- discovery -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Nothing to download for a user folder; subclasses materialise built-in data here."""
+
+    def discover(self) -> list[str]:
+        """Scan the tree once: classes from ``train/``, samples of every split, sanity checks."""
+        if self._splits:
+            return self.classes
+        if not self.root.exists():
+            raise UserError(f"data.root={self.root}: no such directory")
+        train_dir = self.root / "train"
+        if not train_dir.is_dir():
+            raise UserError(f"data.root={self.root}: expected a 'train/' folder with one sub-folder per class")
+        self.classes = list_classes(train_dir)
+        if not self.classes:
+            raise UserError(f"{train_dir}: no class folders (expected train/<class>/<image>)")
+        if len(self.classes) < 2:
+            raise UserError(f"{train_dir}: found one class ('{self.classes[0]}'); a classifier needs at least two")
+        class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        train = scan_split(train_dir, class_to_idx)
+        given = {s: scan_split(self.root / s, class_to_idx) for s in ("val", "test") if (self.root / s).is_dir()}
+        if self.check:
+            # Before splitting, so a skipped file never leaves a class without validation images.
+            train, given = self._screen(train, given)
+        val = given["val"] if "val" in given else None
+        if val is None:
+            train, val = self._split(train)
+        if self.folds and self.fold is not None:
+            train, val = stratified_fold(train + val, self.folds, self.fold, self.seed, self.classes)
+        if "test" in given:
+            test = given["test"]
+        else:
+            test = val
+            self.test_on_val = True
+            log.warning("%s has no test/ folder: testing on the validation split", self.root)
+        if not val:
+            raise UserError(f"{self.root / 'val'}: no images")
+        self._splits = {"train": train, "val": val, "test": test}
+        return self.classes
+
+    def _screen(self, train: list[Sample], given: dict[str, list[Sample]]) -> tuple[list[Sample], dict[str, list[Sample]]]:
+        """Apply data.on_bad_image to every split at once (one warning for the whole tree)."""
+        splits = {"train": train, **given}
+        kept = set(screen([s for samples in splits.values() for s in samples], self.on_bad_image))
+        if len(kept) == sum(len(v) for v in splits.values()):
+            return train, given
+        out = {name: [s for s in samples if s in kept] for name, samples in splits.items()}
+        left = {y for _, y in out["train"]}
+        for c, cls in enumerate(self.classes):
+            if c not in left:
+                raise UserError(f"{self.root / 'train' / cls}: no readable images left after data.on_bad_image=skip")
+        for name in given:
+            if not out[name]:
+                raise UserError(f"{self.root / name}: no readable images left after data.on_bad_image=skip")
+        return out.pop("train"), out
+
+    def _split(self, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+        labels = [y for _, y in samples]
+        # At least one image of every class in val, however small the fraction.
+        n_val = max(len(self.classes), int(round(self.val_fraction * len(samples))))
+        try:
+            tr, va = train_test_split(samples, test_size=n_val, stratify=labels, random_state=self.seed)
+        except ValueError as exc:
+            raise UserError(
+                f"{self.root / 'train'}: cannot split off data.val_fraction={self.val_fraction} "
+                f"stratified by class ({exc}); add a val/ folder or more images per class"
+            ) from None
+        return list(tr), list(va)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.discover())
+
+    def split_sizes(self) -> dict[str, int]:
+        self.discover()
+        return {k: len(v) for k, v in self._splits.items()}
+
+    # -- transforms ------------------------------------------------------------------------
+    def set_preprocessing(self, backbone_cfg: dict[str, Any]) -> None:
+        """Adopt the backbone's pretrained preprocessing, with this module's overrides applied."""
+        cfg = dict(backbone_cfg)
+        if self.image_size:
+            cfg["size"] = int(self.image_size)
+        if self.crop_pct:
+            cfg["crop_pct"] = float(self.crop_pct)
+        self.preprocessing = cfg
+
+    def _transforms(self) -> tuple[Any, Any]:
+        if self.preprocessing is None:
+            raise RuntimeError("set_preprocessing() must be called with the backbone's data config first")
+        return (
+            train_transform(self.preprocessing, self.augment, self.hflip, self.crop_scale),
+            eval_transform(self.preprocessing),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        self.discover()
+        train_tf, eval_tf = self._transforms()
+        self.datasets = {
+            "train": ImageListDataset(self._splits["train"], train_tf),
+            "val": ImageListDataset(self._splits["val"], eval_tf),
+            "test": ImageListDataset(self._splits["test"], eval_tf),
+        }
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        dataset = self.datasets[split]
+        # Train: a seeded, resumable shuffle (ftlab.data.resumable). Test: unpadded shards, so that under
+        # DDP every image is scored once. Val keeps Lightning's sampler (equal batch counts per rank).
+        sampler = None
+        if split == "train":
+            sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=self.seed, shuffle=shuffle)
+            if self._resume is not None:
+                sampler.resume(*self._resume)
+                self._resume = None
+        elif split == "test" and world > 1:
+            sampler = ShardSampler(dataset, num_replicas=world, rank=rank)
+        loader_cls = ResumableLoader if split == "train" else DataLoader
+        return loader_cls(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_gpu,
+            drop_last=False,
+        )
+
+    # -- resuming mid-epoch: Lightning stores these in every checkpoint ---------------------
+    def state_dict(self) -> dict[str, int]:
+        return train_position(self.trainer, self.batch_size)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = resume_point(state)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class DigitsDataModule(ImageFolderDataModule):
+    """scikit-learn's 1,797 handwritten digit scans, written once as PNGs under ``root``."""
+
+    def prepare_data(self) -> None:
+        from ftlab.data.digits import materialize_digits
+
+        materialize_digits(self.root)
+
+    def discover(self) -> list[str]:
+        if not self._splits:
+            self.prepare_data()
+        return super().discover()
