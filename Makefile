@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-all lint tensorboard clean
+.PHONY: setup train test test-all lint tensorboard clean compare
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+
+# Every method on the default model and data (a Hydra multirun); summary.{csv,md,png} in the sweep dir.
+compare: $(STAMP)
+	$(BIN)/python -m ftlab experiment=compare $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs --bind_all

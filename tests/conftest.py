@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +98,19 @@ def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return _run
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for this test (restored after). On a shared, oversubscribed machine torch's
+    OpenMP threads spin-wait on each other and tiny-network steps get ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# For subprocesses started by tests: the same reason as `one_thread`.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -95,7 +95,7 @@ def test_run_dir_names_method_and_model(compose_cfg) -> None:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=timm", "model.name=resnet18"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["method=full", "model=timm", "model.name=resnet18"], return_hydra_config=True)
     from hydra.core.hydra_config import HydraConfig
 
     with open_dict(cfg):

@@ -17,7 +17,7 @@ METRIC_KEYS = {"method", "model", "data", "num_classes", "params_total", "params
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:
-    return ["data=imagefolder", f"data.root={root}", "data.batch_size=8", *TINY_MODEL, *FAST_TRAINER, *extra]
+    return ["method=full", "data=imagefolder", f"data.root={root}", "data.batch_size=8", *TINY_MODEL, *FAST_TRAINER, *extra]
 
 
 def test_fast_dev_run_fit_and_test(compose_cfg, imagefolder: Path) -> None:

@@ -17,11 +17,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from ftlab.artifacts import write_artifacts
+from ftlab.callbacks import NonFiniteGuard
+from ftlab.checkpoints import AtomicCheckpointIO, check_checkpoint
+from ftlab.distributed import is_sharded, trainer_adjustments, unsharded_copy
 from ftlab.errors import UserError
+from ftlab.tb_hparams import log_hparams
 from ftlab.validate import validate
 
 log = logging.getLogger("ftlab")
@@ -51,6 +56,7 @@ def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not path.is_file():
         hint = " (resume inside the run's directory: add hydra.run.dir=<run dir>)" if ckpt_path == "last" else ""
         raise UserError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
+    check_checkpoint(path)  # refuse pickled code with a clear message before Lightning loads it
     return str(path)
 
 
@@ -68,23 +74,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test one configuration; return the metrics written to ``metrics.json``."""
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    # Before any work: a missing or unsafe resume checkpoint is reported at once.
+    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     classes = datamodule.discover()
     model = instantiate(cfg.model, num_classes=len(classes), class_names=classes, _convert_="all")
     datamodule.set_preprocessing(model.data_config)
-    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:
         # Nothing to log the learning rate to (logger=none).
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Always on: a NaN/inf loss stops the run before it reaches the weights or a checkpoint.
+    callbacks.append(NonFiniteGuard(str(output_dir / "checkpoints")))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     **trainer_adjustments(cfg.trainer))
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only=True explicitly: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.perf_counter() - started
     if trainer.interrupted:
         raise UserError("training was interrupted; resume with ckpt_path=last hydra.run.dir=" + str(output_dir))
@@ -93,12 +106,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     test_metrics: dict[str, Any] = {}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False)
+        results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
+                               weights_only=True)
         test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
 
     artifacts: dict[str, Any] = {}
     if trainer.is_global_zero and cfg.get("save_artifacts", True):
-        artifacts = write_artifacts(model, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
+        source = model
+        if is_sharded(trainer):
+            # FSDP holds shards in memory; the best checkpoint holds the full weights.
+            source = unsharded_copy(trainer, lambda: instantiate(
+                cfg.model, num_classes=len(classes), class_names=classes, _convert_="all"))
+        if source is not None:
+            artifacts = write_artifacts(source, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
 
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     metrics: dict[str, Any] = {
@@ -125,6 +145,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics["params_trainable_pct"] = round(100.0 * metrics["params_trainable"] / metrics["params_total"], 4)
     if trainer.is_global_zero:
         _write_json(output_dir / "metrics.json", metrics)
+        # One HParams session per run in TensorBoard, with the final numbers.
+        log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
         print_summary(metrics)
     return metrics
 
@@ -168,7 +190,8 @@ def check_group_choices(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         group_dir = Path(config_dir) / key
-        if not sep or "." in key or not group_dir.is_dir() or key == "hydra":
+        # hydra/... groups also get options from plugins (hydra/launcher=submitit_slurm): Hydra checks those.
+        if not sep or "." in key or not group_dir.is_dir() or key == "hydra" or key.startswith("hydra/"):
             continue
         options = sorted(p.stem for p in group_dir.glob("*.yaml"))
         for choice in value.split(","):
@@ -179,7 +202,12 @@ def check_group_choices(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(cfg)
+        if cfg.data.get("folds") and cfg.data.get("fold") is None:
+            from ftlab.crossval import run_folds
+
+            metrics = run_folds(cfg)  # the mean over folds is what sweepers see
+        else:
+            metrics = run(cfg)
     except Exception as exc:
         message = _user_error(exc)
         if message is None:

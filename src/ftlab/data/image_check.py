@@ -70,5 +70,6 @@ def screen(samples: Sequence[tuple[str, int]], policy: str = "error") -> list[tu
     listed = "; ".join(f"{p} ({why})" for p, why in bad[:LIST_AT_MOST])
     rest = f"; and {len(bad) - LIST_AT_MOST} more" if len(bad) > LIST_AT_MOST else ""
     if rank_zero_only.rank == 0:
-        log.warning("data.on_bad_image=skip: skipped %d of %d images: %s%s", len(bad), len(samples), listed, rest)
+        log.warning("data.on_bad_image=skip: skipped %d of %d images: %s%s",
+                    len(bad), len(samples), listed, rest)
     return [s for s in samples if s[0] not in dropped]

@@ -114,9 +114,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         if augment not in AUGMENT_PRESETS:
             raise UserError(f"data.augment={augment!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise UserError(f"data.on_bad_image={on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+            choices = ", ".join(BAD_IMAGE_POLICIES)
+            raise UserError(f"data.on_bad_image={on_bad_image!r}: choose one of {choices}")
         if on_bad_image == "skip" and not check_images:
-            raise UserError("data.on_bad_image=skip needs data.check_images=true (the upfront check finds them)")
+            raise UserError("data.on_bad_image=skip needs data.check_images=true (the check finds bad files)")
         # error: the first unusable image stops the run before training; skip: drop them with one warning.
         self.on_bad_image = on_bad_image
         self.root = Path(root).expanduser()
@@ -188,7 +189,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._splits = {"train": train, "val": val, "test": test}
         return self.classes
 
-    def _screen(self, train: list[Sample], given: dict[str, list[Sample]]) -> tuple[list[Sample], dict[str, list[Sample]]]:
+    def _screen(
+        self, train: list[Sample], given: dict[str, list[Sample]]
+    ) -> tuple[list[Sample], dict[str, list[Sample]]]:
         """Apply data.on_bad_image to every split at once (one warning for the whole tree)."""
         splits = {"train": train, **given}
         kept = set(screen([s for samples in splits.values() for s in samples], self.on_bad_image))
@@ -198,7 +201,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         left = {y for _, y in out["train"]}
         for c, cls in enumerate(self.classes):
             if c not in left:
-                raise UserError(f"{self.root / 'train' / cls}: no readable images left after data.on_bad_image=skip")
+                folder = self.root / "train" / cls
+                raise UserError(f"{folder}: no readable images left after data.on_bad_image=skip")
         for name in given:
             if not out[name]:
                 raise UserError(f"{self.root / name}: no readable images left after data.on_bad_image=skip")
@@ -255,13 +259,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         dataset = self.datasets[split]
         # Train: a seeded, resumable shuffle (ftlab.data.resumable). Test: unpadded shards, so that under
         # DDP every image is scored once. Val keeps Lightning's sampler (equal batch counts per rank).
         sampler = None
         if split == "train":
-            sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=self.seed, shuffle=shuffle)
+            sampler = ResumableSampler(dataset, world, rank, seed=self.seed, shuffle=shuffle)
             if self._resume is not None:
                 sampler.resume(*self._resume)
                 self._resume = None

@@ -29,7 +29,7 @@ class ResumableSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, skip: int) -> None:
-        """Make the next pass epoch ``epoch`` of the shuffle, without its first ``skip`` samples (this rank)."""
+        """Make the next pass epoch ``epoch`` of the shuffle, minus its first ``skip`` samples (this rank)."""
         self.epoch = epoch
         self._resume = (epoch, skip)
 
@@ -91,7 +91,10 @@ def train_position(trainer: Any, batch_size: int) -> dict[str, int]:
 
 
 def resume_point(state: dict[str, Any]) -> tuple[int, int] | None:
-    """``(epoch, samples to skip on this rank)`` for :meth:`ResumableSampler.resume`, from :func:`train_position`."""
+    """``(epoch, samples to skip on this rank)`` for :meth:`ResumableSampler.resume`.
+
+    ``state`` is what :func:`train_position` returned when the checkpoint was written.
+    """
     if not state or "batches_done" not in state:
         return None
     epoch, done = int(state["epoch"]), int(state["batches_done"])

@@ -1,0 +1,6 @@
+"""Lightning callbacks ftlab adds to every run: step checkpoints and the non-finite loss guard."""
+
+from ftlab.callbacks.non_finite import NonFiniteGuard
+from ftlab.callbacks.step_checkpoint import StepCheckpoint
+
+__all__ = ["NonFiniteGuard", "StepCheckpoint"]

@@ -1,0 +1,231 @@
+"""`ftlab eval`: metrics of a trained model on a split of its run's data or on another ImageFolder."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf, open_dict
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from ftlab.data.imagefolder import Sample, list_classes, scan_split
+from ftlab.errors import UserError
+from ftlab.inference import (
+    describe_source,
+    image_loader,
+    load_predictor,
+    pick_device,
+    run_config,
+    run_data_root,
+    warn_unreadable,
+    with_progress,
+)
+from ftlab.module import _metrics
+
+SPLITS = ("test", "val", "train")
+
+
+def _check_classes(found: list[str], names: list[str], where: Path) -> None:
+    unknown = [c for c in found if c not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise UserError(
+            f"{where}: class folder(s) {', '.join(unknown[:5])} are not among the model's "
+            f"{len(names)} classes ({shown})"
+        )
+
+
+def _from_datamodule(
+    dm: Any, split: str, names: list[str], preprocessing: dict[str, Any]
+) -> tuple[list[Sample], str | None]:
+    """Samples of ``split`` as the training run saw them (same val split of train/, same test-on-val)."""
+    classes = dm.discover()
+    _check_classes(classes, names, dm.root / "train")
+    remap = [names.index(c) for c in classes]
+    dm.set_preprocessing(preprocessing)
+    dm.setup("test")
+    note = None
+    if split == "test" and dm.test_on_val:
+        note = f"{dm.root} has no test/ folder: these are the validation images"
+    return [(path, remap[label]) for path, label in dm.datasets[split].samples], note
+
+
+def _datamodule(cfg: Any, root: str, target: str | None) -> Any:
+    """A datamodule over ``root`` with the run's own data settings (val fraction, seed, folds, bad-image
+    policy), so ``split`` holds exactly the images it held in training; ``target`` overrides the class."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from ftlab.data import ImageFolderDataModule
+
+    settings: dict[str, Any] = {}
+    if cfg is not None and "data" in cfg:
+        node = cfg.data.copy()
+        with open_dict(node):
+            node.root = root
+        try:
+            settings = OmegaConf.to_container(node, resolve=True)
+        except Exception as exc:
+            raise UserError(f"cannot read the run's data config ({exc}); pass data.root=DIR") from None
+    cls = get_class(target or settings.get("_target_") or "ftlab.data.ImageFolderDataModule")
+    accepted = inspect.signature(ImageFolderDataModule.__init__).parameters if target else None
+    kwargs = {k: v for k, v in settings.items() if k != "_target_" and (accepted is None or k in accepted)}
+    # Only the file lists are used: no loader workers.
+    return cls(**{**kwargs, "root": root, "num_workers": 0})
+
+
+def eval_samples(
+    info: dict[str, Any], split: str, data_root: str | None
+) -> tuple[list[Sample], str, str | None]:
+    """(samples labelled with the model's class indices, data description, note) for ``split``."""
+    names = info["class_names"]
+    run_dir = Path(info["run_dir"]) if info.get("run_dir") else None
+    cfg = run_config(run_dir) if run_dir else None
+    if data_root is None:
+        if cfg is None:
+            raise UserError(f"{info['path']}: not in a run directory, so no saved data; pass data.root=DIR")
+        root = run_data_root(run_dir, cfg)
+        # The run's own datamodule class: the built-in digits re-materialise if their folder was removed.
+        samples, note = _from_datamodule(_datamodule(cfg, root, None), split, names, info["preprocessing"])
+        return samples, str(root), note
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.root={data_root}: no such directory")
+    if (root / "train").is_dir():
+        dm = _datamodule(cfg, str(root), "ftlab.data.ImageFolderDataModule")
+        samples, note = _from_datamodule(dm, split, names, info["preprocessing"])
+        return samples, str(root), note
+    # No train/: DIR/<split>/<class>/ if present, else DIR/<class>/ holds the images.
+    folder = root / split if (root / split).is_dir() else root
+    classes = list_classes(folder)
+    if not classes:
+        raise UserError(f"data.root={data_root}: expected DIR/<class>/ or DIR/{split}/<class>/ folders")
+    _check_classes(classes, names, folder)
+    return scan_split(folder, {c: i for i, c in enumerate(names)}), str(folder), None
+
+
+def _confusion_table(matrix: torch.Tensor, names: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"true": name, "predicted": {other: int(matrix[i, j]) for j, other in enumerate(names)}}
+        for i, name in enumerate(names)
+    ]
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5 (more than 5 classes), macro F1 and loss as in training, plus per-class figures."""
+    n = len(names)
+    metrics = _metrics(n, "")
+    metrics.update(logits, targets)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    confusion = MulticlassConfusionMatrix(n)(logits, targets).long()
+    support = confusion.sum(dim=1)
+    per_class = {
+        name: (float(confusion[i, i]) / int(support[i]) if support[i] else None)
+        for i, name in enumerate(names)
+    }
+    out: dict[str, Any] = {
+        "num_samples": int(len(targets)),
+        "accuracy": values["acc"],
+        "top5_accuracy": values.get("acc_top5"),
+        "macro_f1": values["f1"],
+        "loss": float(torch.nn.functional.cross_entropy(logits, targets)),
+        "per_class_accuracy": per_class,
+        "support": {name: int(support[i]) for i, name in enumerate(names)},
+        "confusion_matrix": _confusion_table(confusion, names),
+    }
+    if out["top5_accuracy"] is None:
+        del out["top5_accuracy"]
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_output(info: dict[str, Any], split: str, data_root: str | None) -> Path:
+    home = Path(info["run_dir"]) if info.get("run_dir") else Path.cwd()
+    stem = f"{Path(data_root).expanduser().resolve().name}_{split}" if data_root else split
+    return home / "eval" / f"{stem}.json"
+
+
+def evaluate(
+    source: str,
+    split: str = "test",
+    data_root: str | None = None,
+    output: str | None = None,
+    batch_size: int = 64,
+    num_workers: int | str = "auto",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``source`` (run dir, checkpoint or artifact) and write the metrics JSON; returns it."""
+    if split not in SPLITS:
+        raise UserError(f"split={split}: choose one of {', '.join(SPLITS)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size}: must be a positive integer")
+    net, info = load_predictor(source)
+    samples, data, note = eval_samples(info, split, data_root)
+    if not samples:
+        raise UserError(f"{data}: no images to evaluate")
+    dev = pick_device(device)
+    loader = image_loader([p for p, _ in samples], info["preprocessing"], batch_size, num_workers)
+    net = net.to(dev)
+    logits, targets, bad = [], [], []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for x, idx, unreadable in with_progress(loader, len(loader), f"eval {split}"):
+            bad += [(samples[i][0], err) for i, err in unreadable]
+            if x is not None:
+                logits.append(net(x.to(dev)).float().cpu())
+                targets.append(torch.tensor([samples[i][1] for i in idx]))
+    warn_unreadable(bad)
+    if not logits:
+        raise UserError(f"{data}: none of the {len(samples)} images could be read")
+    seconds = time.perf_counter() - started
+    result = {
+        "source": info["path"],
+        "source_kind": info["kind"],
+        "method": info["method"],
+        "model": info["base_model"].get("name"),
+        "split": split,
+        "data": data,
+        **({"note": note} if note else {}),
+        **({"skipped_unreadable": [p for p, _ in bad]} if bad else {}),
+        "num_classes": info["num_classes"],
+        **compute_metrics(torch.cat(logits), torch.cat(targets), info["class_names"]),
+        "seconds": round(seconds, 2),
+    }
+    out = Path(output).expanduser() if output else default_output(info, split, data_root)
+    _write_json(out, result)
+    result["output"] = str(out)
+    print_eval_summary(result, describe_source(info))
+    return result
+
+
+def print_eval_summary(result: dict[str, Any], source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ftlab eval: {result['split']}", show_header=False)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths in full: they are what one copies next
+    table.add_row("model", source)
+    table.add_row("data", str(result["data"]))
+    table.add_row("samples", str(result["num_samples"]))
+    for key in ("accuracy", "top5_accuracy", "macro_f1", "loss"):
+        if key in result:
+            table.add_row(key, f"{result[key]:.4f}")
+    rated = [(acc, name) for name, acc in result["per_class_accuracy"].items() if acc is not None]
+    worst = sorted(rated)[:3]
+    table.add_row("weakest classes", ", ".join(f"{name} {acc:.3f}" for acc, name in worst))
+    if result.get("note"):
+        table.add_row("note", result["note"])
+    table.add_row("written to", result["output"])
+    Console().print(table)

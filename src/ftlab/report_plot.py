@@ -1,0 +1,89 @@
+"""``summary.png``: test accuracy against trainable parameters (log x), with fit time beside it.
+
+Drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state, no display,
+safe inside a training process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftlab.report import Row
+
+
+def _colours(rows: list[Row]) -> dict[str, tuple[float, ...]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    methods = list(dict.fromkeys(r.run.method for r in rows))
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def plot_summary(rows: list[Row], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r.run.ok and _number(r.get("params_trainable")) and _number(r.get("test/acc")) is not None]
+    missing = len(rows) - len(done)
+    colour = _colours(rows)
+    height = max(4.5, 0.35 * len(done) + 1.5)
+    fig = Figure(figsize=(14, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
+
+    # Left: accuracy vs trainable parameters; marker area grows with fit time.
+    times = [_number(r.get("fit_seconds")) or 0.0 for r in done]
+    longest = max(times, default=0.0) or 1.0
+    for i, (r, t) in enumerate(zip(done, times, strict=True)):
+        x, y = float(r.get("params_trainable")), float(r.get("test/acc"))
+        std = _number(r.get("test/acc_std"))
+        area = 40 + 460 * t / longest  # points^2
+        left.scatter([x], [y], s=area, color=colour[r.run.method], alpha=0.75,
+                     edgecolors="black", linewidths=0.6, zorder=3)
+        if std:
+            left.errorbar([x], [y], yerr=[std], color="black", capsize=3, lw=0.8, zorder=2)
+        # Beside the marker's edge; alternately above and below so neighbouring labels do not collide.
+        dx, dy = math.sqrt(area / math.pi) + 3, (8 if i % 2 == 0 else -8)
+        left.annotate(f"{r.label}\n{y:.3f}, {t:.0f} s", (x, y), xytext=(dx, dy), textcoords="offset points",
+                      fontsize=8, ha="left", va="bottom" if dy > 0 else "top",
+                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7})
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters (log scale)")
+    left.set_ylabel("test accuracy")
+    left.set_title("test accuracy vs trainable parameters (marker area ∝ fit time)")
+    left.grid(True, which="both", alpha=0.3)
+    if done:
+        xs = [float(r.get("params_trainable")) for r in done]
+        left.set_xlim(min(xs) / 3, max(xs) * 8)  # room for the labels on the right
+        ys = [float(r.get("test/acc")) for r in done]
+        pad = max(0.02, 0.15 * (max(ys) - min(ys)))
+        left.set_ylim(min(ys) - pad, min(1.0 + pad / 2, max(ys) + pad))
+
+    # Right: fit time per run, with the accuracy written at the end of each bar.
+    labels = [r.label for r in done]
+    ypos = list(range(len(done)))
+    right.barh(ypos, times, color=[colour[r.run.method] for r in done], alpha=0.8, edgecolor="black", lw=0.5)
+    for yy, r, t in zip(ypos, done, times, strict=True):
+        right.text(t, yy, f" {t:.0f} s, acc {float(r.get('test/acc')):.3f}", va="center", fontsize=8)
+    right.set_yticks(ypos, labels, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("fit time (s)")
+    right.set_title("fit time")
+    right.set_xlim(0, longest * 1.45)
+    right.grid(True, axis="x", alpha=0.3)
+
+    suptitle = title if not missing else f"{title} — {missing} run(s) without results not shown (see summary.md)"
+    fig.suptitle(suptitle, fontsize=11)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # concurrent jobs may rebuild it at once
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
