@@ -61,7 +61,7 @@ def test_two_method_multirun_writes_the_summary(cli, tmp_path: Path) -> None:
     # Only the method differs, and it has its own column.
     assert full["overrides"] == linear["overrides"] == ""
     md = (sweep / "summary.md").read_text()
-    assert "| 0_full_test_resnet | full |" in md and "| 1_linear_test_resnet | linear |" in md
+    assert "| 1 | 0_full_test_resnet | full |" in md and "| 2 | 1_linear_test_resnet | linear |" in md
     assert "Best by val/acc_best" in md
     width, height = _png_size(sweep / "summary.png")
     assert width >= 1000 and height >= 400
@@ -154,6 +154,14 @@ def test_report_on_a_folder_without_runs_is_a_one_line_error(tmp_path: Path, cap
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
     assert "no run directories" in capsys.readouterr().err
+
+    # Several folders make one table; the output folder must then be named.
+    for name, acc in (("a", 0.8), ("b", 0.9)):
+        _fake_run(tmp_path / name / "run", ["method=full"], _metrics("full", acc, 1000, 1.0))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "--out" in capsys.readouterr().err
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")]) == 0
+    assert [r["test/acc"] for r in _csv(tmp_path / "both" / "summary.csv")] == ["0.8", "0.9"]
 
 
 # -- cross-validation ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ class Row:
     run: RunRecord
     name: str
     overrides: list[str]  # only the ones that differ between runs (method has its own column)
+    index: int = 0  # 1-based position in the table: the plot's labels refer to rows by it
+
+    @property
+    def tag(self) -> str:
+        return f"#{self.index} {self.run.method}"
 
     @property
     def short_overrides(self) -> list[str]:
@@ -67,7 +73,7 @@ def build_rows(runs: list[RunRecord]) -> list[Row]:
     for run in runs:
         overrides = run.override_dict()
         shown = [f"{k}={overrides[k]}" for k in keys if k in overrides]
-        rows.append(Row(run, run.path.name, shown))
+        rows.append(Row(run, run.path.name, shown, index=len(rows) + 1))
     return rows
 
 
@@ -108,12 +114,12 @@ def _md_cell(text: str) -> str:
 
 
 def markdown_table(rows: list[Row], title: str) -> str:
-    header = ["run", "method", "model", "overrides", "trainable", "% trainable", "val/acc_best",
+    header = ["#", "run", "method", "model", "overrides", "trainable", "% trainable", "val/acc_best",
               "test/acc", "test/f1", "fit s", "peak RSS MB", "artifact", "status"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
-            r.name, r.run.method, r.run.model, " ".join(r.short_overrides),
+            str(r.index), r.name, r.run.method, r.run.model, " ".join(r.short_overrides),
             f"{r.get('params_trainable'):,}" if isinstance(r.get("params_trainable"), int) else "",
             _num(r.get("params_trainable_pct"), 2), _mean_std(r, "val/acc_best"), _mean_std(r, "test/acc"),
             _mean_std(r, "test/f1"), _num(r.get("fit_seconds"), 1), _num(r.get("peak_rss_mb"), 0),
@@ -157,21 +163,31 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(root: Path, out_dir: Path | None = None, title: str | None = None) -> tuple[list[Row], str]:
-    """Collect the runs under ``root`` and write the three summary files into ``out_dir`` (default ``root``)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
-    runs = load_runs(root)
-    if not runs:
-        raise UserError(f"{root}: no run directories (folders holding metrics.json or .hydra/)")
-    out_dir = Path(out_dir or root)
+def write_summary(
+    roots: Path | Sequence[Path], out_dir: Path | None = None, title: str | None = None
+) -> tuple[list[Row], str]:
+    """Collect the runs under ``roots`` and write the three summary files into ``out_dir``.
+
+    ``out_dir`` defaults to the folder when there is one; with several it is required.
+    """
+    roots = [Path(r).expanduser() for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+    runs = []
+    for root in roots:
+        if not root.is_dir():
+            raise UserError(f"{root}: no such directory")
+        found = load_runs(root)
+        if not found:
+            raise UserError(f"{root}: no run directories (folders holding metrics.json or .hydra/)")
+        runs += found
+    if out_dir is None and len(roots) > 1:
+        raise UserError("several folders: say where the summary goes with --out DIR")
+    out_dir = Path(out_dir or roots[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = build_rows(runs)
-    title = title or f"ftlab runs in {root.name}"
+    title = title or f"ftlab runs in {', '.join(r.name for r in roots)}"
     text = markdown_table(rows, title)
-    optuna = root / "optimization_results.yaml"
-    if optuna.is_file():
+    optuna = roots[0] / "optimization_results.yaml"
+    if len(roots) == 1 and optuna.is_file():
         result = yaml.safe_load(optuna.read_text()) or {}
         text += (f"- Optuna best (optimization_results.yaml): value {result.get('best_value')}, "
                  f"params {result.get('best_params')}\n")
@@ -191,22 +207,22 @@ def write_summary(root: Path, out_dir: Path | None = None, title: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ftlab report DIR``: rebuild summary.{csv,md,png} from a folder of run directories."""
+    """``ftlab report DIR [DIR ...]``: rebuild summary.{csv,md,png} from folders of run directories."""
     parser = argparse.ArgumentParser(
         prog="ftlab report",
         description="Summarise a folder of ftlab runs (a sweep directory, outputs/runs, ...): "
         "writes summary.csv, summary.md and summary.png.",
     )
-    parser.add_argument("dir", help="folder holding run directories (searched recursively)")
-    parser.add_argument("--out", default=None, help="where to write the summary files (default: DIR)")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folder holding run directories (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write the summary files (default: DIR, if only one)")
     args = parser.parse_args(argv)
     try:
-        rows, text = write_summary(Path(args.dir), Path(args.out) if args.out else None)
+        rows, text = write_summary([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
     except UserError as exc:
         print(f"ftlab: error: {exc}", file=sys.stderr)
         return 1
     print(text, end="")
-    out = Path(args.out or args.dir)
+    out = Path(args.out or args.dirs[0])
     print(f"wrote {', '.join(str(out / f) for f in SUMMARY_FILES)}")
     return 0
 

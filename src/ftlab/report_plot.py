@@ -29,6 +29,17 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _bar_label(row: Row, width: int = 44) -> str:
+    """``#3 lora`` plus the differing overrides, wrapped: the bar chart is where the long labels go."""
+    lines = [row.tag]
+    for override in row.short_overrides:
+        if len(lines) > 1 and len(lines[-1]) + 1 + len(override) <= width:
+            lines[-1] += " " + override
+        else:
+            lines.append(override)
+    return "\n".join(lines)
+
+
 def plot_summary(rows: list[Row], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,10 +47,15 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
     done = [r for r in rows if r.run.ok and _number(r.get("params_trainable")) and _number(r.get("test/acc")) is not None]
     missing = len(rows) - len(done)
     colour = _colours(rows)
-    height = max(4.5, 0.35 * len(done) + 1.5)
-    fig = Figure(figsize=(14, height), layout="constrained")
+    bar_labels = [_bar_label(r) for r in done]
+    # Points carry the full label while it is short (a method comparison); otherwise the row tag
+    # (#3 lora), spelled out in the bar chart and in summary.md.
+    short = all(len(r.label) <= 24 for r in done)
+    lines = sum(label.count("\n") + 1 for label in bar_labels)
+    height = max(5.0, 0.22 * lines + 0.25 * len(done) + 1.8)
+    fig = Figure(figsize=(15, height), layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    left, right = fig.subplots(1, 2, width_ratios=[1.3, 1])
 
     # Left: accuracy vs trainable parameters; marker area grows with fit time.
     times = [_number(r.get("fit_seconds")) or 0.0 for r in done]
@@ -53,33 +69,33 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
         if std:
             left.errorbar([x], [y], yerr=[std], color="black", capsize=3, lw=0.8, zorder=2)
         # Beside the marker's edge; alternately above and below so neighbouring labels do not collide.
-        dx, dy = math.sqrt(area / math.pi) + 3, (8 if i % 2 == 0 else -8)
-        left.annotate(f"{r.label}\n{y:.3f}, {t:.0f} s", (x, y), xytext=(dx, dy), textcoords="offset points",
+        dx, dy = math.sqrt(area / math.pi) + 3, (6 if i % 2 == 0 else -6)
+        name = r.label if short else r.tag
+        left.annotate(f"{name}\n{y:.3f}, {t:.0f} s", (x, y), xytext=(dx, dy), textcoords="offset points",
                       fontsize=8, ha="left", va="bottom" if dy > 0 else "top",
                       bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7})
     left.set_xscale("log")
     left.set_xlabel("trainable parameters (log scale)")
     left.set_ylabel("test accuracy")
-    left.set_title("test accuracy vs trainable parameters (marker area ∝ fit time)")
+    left.set_title("test accuracy vs trainable parameters (marker area ∝ fit time)", fontsize=10)
     left.grid(True, which="both", alpha=0.3)
     if done:
         xs = [float(r.get("params_trainable")) for r in done]
-        left.set_xlim(min(xs) / 3, max(xs) * 8)  # room for the labels on the right
+        left.set_xlim(min(xs) / 3, max(xs) * 6)  # room for the labels on the right
         ys = [float(r.get("test/acc")) for r in done]
         pad = max(0.02, 0.15 * (max(ys) - min(ys)))
         left.set_ylim(min(ys) - pad, min(1.0 + pad / 2, max(ys) + pad))
 
     # Right: fit time per run, with the accuracy written at the end of each bar.
-    labels = [r.label for r in done]
     ypos = list(range(len(done)))
     right.barh(ypos, times, color=[colour[r.run.method] for r in done], alpha=0.8, edgecolor="black", lw=0.5)
     for yy, r, t in zip(ypos, done, times, strict=True):
         right.text(t, yy, f" {t:.0f} s, acc {float(r.get('test/acc')):.3f}", va="center", fontsize=8)
-    right.set_yticks(ypos, labels, fontsize=8)
+    right.set_yticks(ypos, bar_labels, fontsize=8)
     right.invert_yaxis()
     right.set_xlabel("fit time (s)")
-    right.set_title("fit time")
-    right.set_xlim(0, longest * 1.45)
+    right.set_title("fit time", fontsize=10)
+    right.set_xlim(0, longest * 1.5)
     right.grid(True, axis="x", alpha=0.3)
 
     suptitle = title if not missing else f"{title} — {missing} run(s) without results not shown (see summary.md)"
