@@ -140,7 +140,7 @@ def _print_folds(metrics: dict[str, Any]) -> None:
                         f"{metrics['folds']}-fold cross-validation")
     table.add_column("fold")
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(key, justify="right", no_wrap=True)
     for fold in metrics["fold_metrics"]:
         table.add_row(str(fold["fold"]), *(f"{fold.get(k, float('nan')):.4f}" for k in keys))
     for failure in metrics["folds_failed"]:
