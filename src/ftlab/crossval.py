@@ -138,7 +138,7 @@ def _print_folds(metrics: dict[str, Any]) -> None:
     keys = [k for k in ("val/acc_best", "test/acc", "test/f1", "test/acc_top5") if k in metrics]
     table = Table(title=f"ftlab: {metrics.get('method')} on {metrics.get('model')}, "
                         f"{metrics['folds']}-fold cross-validation")
-    table.add_column("fold")
+    table.add_column("fold", no_wrap=True)
     for key in keys:
         table.add_column(key, justify="right", no_wrap=True)
     for fold in metrics["fold_metrics"]:

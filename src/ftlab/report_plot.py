@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from ftlab.report import Row
 
 
@@ -27,6 +29,49 @@ def _number(value: object) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _place_labels(ax: Axes, points: list[tuple[float, float, float, str]]) -> None:
+    """Label every point beside its marker, trying positions until the label overlaps no other label or marker.
+
+    points: (x, y, marker radius in points, text). Greedy, top to bottom; good enough for a few dozen runs.
+    """
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    to_px = ax.figure.dpi / 72.0
+    centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]
+    markers = [Bbox.from_extents(cx - r * to_px, cy - r * to_px, cx + r * to_px, cy + r * to_px)
+               for (cx, cy), (_, _, r, _) in zip(centres, points, strict=True)]
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for i in sorted(range(len(points)), key=lambda k: -points[k][1]):
+        x, y, radius, text = points[i]
+        others = [m for k, m in enumerate(markers) if k != i]
+        candidates = [(side, dy) for dy in (6, -6, 22, -22, 38, -38, 54, -54) for side in (1, -1)]
+        chosen = None
+        for side, dy in candidates:
+            label = ax.annotate(
+                text, (x, y), xytext=(side * (radius + 3), dy), textcoords="offset points", fontsize=8,
+                ha="left" if side > 0 else "right", va="bottom" if dy > 0 else "top", zorder=4,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
+                arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.35", "shrinkA": 0, "shrinkB": 0},
+            )
+            box = label.get_window_extent(renderer)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(b) for b in placed + others):
+                chosen = box
+                break
+            label.remove()
+        if chosen is None:  # crowded: take the first position anyway
+            side, dy = candidates[0]
+            label = ax.annotate(
+                text, (x, y), xytext=(side * (radius + 3), dy), textcoords="offset points", fontsize=8,
+                ha="left", va="bottom", zorder=4,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
+            )
+            chosen = label.get_window_extent(renderer)
+        placed.append(chosen)
 
 
 def _bar_label(row: Row, width: int = 44) -> str:
@@ -53,14 +98,15 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
     short = all(len(r.label) <= 24 for r in done)
     lines = sum(label.count("\n") + 1 for label in bar_labels)
     height = max(5.0, 0.22 * lines + 0.25 * len(done) + 1.8)
-    fig = Figure(figsize=(15, height), layout="constrained")
+    fig = Figure(figsize=(15, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, width_ratios=[1.3, 1])
 
     # Left: accuracy vs trainable parameters; marker area grows with fit time.
     times = [_number(r.get("fit_seconds")) or 0.0 for r in done]
     longest = max(times, default=0.0) or 1.0
-    for i, (r, t) in enumerate(zip(done, times, strict=True)):
+    points = []
+    for r, t in zip(done, times, strict=True):
         x, y = float(r.get("params_trainable")), float(r.get("test/acc"))
         std = _number(r.get("test/acc_std"))
         area = 40 + 460 * t / longest  # points^2
@@ -68,12 +114,8 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
                      edgecolors="black", linewidths=0.6, zorder=3)
         if std:
             left.errorbar([x], [y], yerr=[std], color="black", capsize=3, lw=0.8, zorder=2)
-        # Beside the marker's edge; alternately above and below so neighbouring labels do not collide.
-        dx, dy = math.sqrt(area / math.pi) + 3, (6 if i % 2 == 0 else -6)
         name = r.label if short else r.tag
-        left.annotate(f"{name}\n{y:.3f}, {t:.0f} s", (x, y), xytext=(dx, dy), textcoords="offset points",
-                      fontsize=8, ha="left", va="bottom" if dy > 0 else "top",
-                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.7})
+        points.append((x, y, math.sqrt(area / math.pi), f"{name}\n{y:.3f}, {t:.0f} s"))
     left.set_xscale("log")
     left.set_xlabel("trainable parameters (log scale)")
     left.set_ylabel("test accuracy")
@@ -100,6 +142,9 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
 
     suptitle = title if not missing else f"{title} — {missing} run(s) without results not shown (see summary.md)"
     fig.suptitle(suptitle, fontsize=11)
+    fig.canvas.draw()  # settle the layout, then freeze it so label positions stay where they were checked
+    fig.set_layout_engine("none")
+    _place_labels(left, points)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # concurrent jobs may rebuild it at once
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
