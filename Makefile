@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-all lint tensorboard clean compare
+.PHONY: setup train test test-all lint tensorboard clean compare bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 # Every method on the default model and data (a Hydra multirun); summary.{csv,md,png} in the sweep dir.
 compare: $(STAMP)
 	$(BIN)/python -m ftlab experiment=compare $(ARGS)
+
+# Performance benchmarks (not part of `make test`): measured ratios vs targets, table in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir outputs --bind_all

@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ftlab.speed import SPEED_KEYS, apply_speed_options
 from ftlab.train import CONFIG_DIR
 from ftlab.validate import CHECKS
 
@@ -52,6 +53,8 @@ def _check_signature(path: str, node: DictConfig) -> None:
     names, open_ended = _accepted(obj)
     if open_ended:
         return
+    if path == "trainer":  # ftlab's own trainer keys, taken out before the Trainer is built
+        names |= set(SPEED_KEYS)
     unknown = [k for k in node if not str(k).startswith("_") and k not in names]
     assert not unknown, f"{path} ({target}) does not accept {unknown}"
 
@@ -72,6 +75,10 @@ def test_option_composes_and_matches_code(compose_cfg, group: str, option: str) 
             OmegaConf.to_container(cfg[key], resolve=True)  # every interpolation resolves
     for path, node in _targets(cfg):
         _check_signature(path, node)
+
+
+def test_speed_keys_are_read_by_apply_speed_options() -> None:
+    assert set(SPEED_KEYS) <= set(inspect.signature(apply_speed_options).parameters)
 
 
 def test_typo_in_key_fails(compose_cfg) -> None:

@@ -78,8 +78,10 @@ def _lora_expected(net: nn.Module, names: list[str], rank: int) -> int:
 def test_lora_counts_on_the_default_backbone(compose_cfg, method: str) -> None:
     m = _module(compose_cfg, method, "model.rank=4", model=LITE0)
     adapted = sorted({n.rsplit(".lora_", 1)[0] for n in adapter_params(m.net)})
-    # Default targets: stem, every pointwise conv and the head conv; never a depthwise conv.
-    assert "conv_head" in adapted and "conv_stem" in adapted and "blocks.1.0.conv_pwl" in adapted
+    # Default targets: the pointwise convs of blocks 2-6 and the head conv; never a depthwise conv, and
+    # nothing in the high-resolution stem or blocks 0-1 (backward would have to run through them).
+    assert "conv_head" in adapted and "blocks.2.0.conv_pw" in adapted and "blocks.6.0.conv_pwl" in adapted
+    assert not any(n.startswith(("conv_stem", "blocks.0.", "blocks.1.")) for n in adapted)
     assert not any("conv_dw" in n for n in adapted)
     expected = _lora_expected(m.net, adapted, 4) + _head(m)
     if method == "dora":
@@ -128,7 +130,8 @@ def test_only_trainable_parameters_change_and_frozen_bn_stats_stay(compose_cfg, 
     assert changed and changed <= trainable
     assert all(p.grad is None for n, p in m.net.named_parameters() if n not in trainable)
     stats_moved = any(not torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))
-    assert stats_moved == (method != "linear")
+    # linear, bitfit and ssf keep the pretrained statistics (conf/method/*.yaml: freeze_norm_stats: true)
+    assert stats_moved == (method not in ("linear", "bitfit", "ssf"))
 
 
 @pytest.mark.parametrize(("override", "words"), [

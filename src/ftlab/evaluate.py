@@ -74,7 +74,9 @@ def _datamodule(cfg: Any, root: str, target: str | None) -> Any:
             raise UserError(f"cannot read the run's data config ({exc}); pass data.root=DIR") from None
     cls = get_class(target or settings.get("_target_") or "ftlab.data.ImageFolderDataModule")
     accepted = inspect.signature(ImageFolderDataModule.__init__).parameters if target else None
-    kwargs = {k: v for k, v in settings.items() if k != "_target_" and (accepted is None or k in accepted)}
+    # data.cache is dropped: only the file lists are used, so decoding every image would be wasted.
+    kwargs = {k: v for k, v in settings.items()
+              if k not in ("_target_", "cache") and (accepted is None or k in accepted)}
     # Only the file lists are used: no loader workers.
     return cls(**{**kwargs, "root": root, "num_workers": 0})
 

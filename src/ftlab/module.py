@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ftlab.models import build_backbone
 from ftlab.models.head_dropout import set_head_dropout
+from ftlab.speed import to_channels_last
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -140,18 +141,31 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning restores per-module training flags around validation without calling train(),
-        # so the eval mode of frozen norm layers is re-asserted before every step.
-        self._hold_norm_stats()
+        # so the eval mode of frozen norm layers is re-asserted before every step (on cached features
+        # the backbone does not run, and walking its modules would be most of a step's cost).
+        if self.feature_head is None:
+            self._hold_norm_stats()
 
     # -- forward / steps ---------------------------------------------------------------------
+    # Set by trainer.channels_last (ftlab.speed). Converted in forward rather than in on_after_batch_transfer,
+    # which makes Lightning warn on every run that uses a DataModule.
+    channels_last = False
+
+    # Set while fitting on cached backbone features (data.cache_features, ftlab.data.feature_cache):
+    # batches then hold the head's input, and only the head runs.
+    feature_head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.feature_head is not None:
+            return self.feature_head(x)
+        return self.net(to_channels_last(x) if self.channels_last else x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        self.train_acc(logits, y)
+        # update(), not forward(): only the epoch value is logged, so no per-batch accuracy is computed.
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss

@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ from omegaconf.errors import MissingMandatoryValue
 from ftlab.artifacts import write_artifacts
 from ftlab.callbacks import NonFiniteGuard
 from ftlab.checkpoints import AtomicCheckpointIO, check_checkpoint
+from ftlab.data import feature_cache
 from ftlab.distributed import is_sharded, trainer_adjustments, unsharded_copy
 from ftlab.errors import UserError
+from ftlab.module import ClassifierModule
+from ftlab.speed import SPEED_KEYS, apply_speed_options, keep_determinism_cheap
 from ftlab.tb_hparams import log_hparams
 from ftlab.validate import validate
 
@@ -70,14 +74,14 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit and test one configuration; return the metrics written to ``metrics.json``."""
-    validate(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    # Before any work: a missing or unsafe resume checkpoint is reported at once.
-    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[Any, ClassifierModule, L.Trainer]:
+    """The data module, model and Trainer of one configuration, as ``python -m ftlab`` runs them.
 
+    Seeds first, so building is reproducible. Benchmarks and tests build through here too, so they
+    measure what users run.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     classes = datamodule.discover()
     model = instantiate(cfg.model, num_classes=len(classes), class_names=classes, _convert_="all")
@@ -90,10 +94,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     # Always on: a NaN/inf loss stops the run before it reaches the weights or a checkpoint.
     callbacks.append(NonFiniteGuard(str(output_dir / "checkpoints")))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     **trainer_adjustments(cfg.trainer))
+    callbacks += list(extra_callbacks)
+    # trainer.compile / trainer.channels_last are ftlab's, not Lightning Trainer arguments.
+    trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                                    if k not in SPEED_KEYS})
+    apply_speed_options(model, **{k: cfg.trainer.get(k, False) for k in SPEED_KEYS})
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
+                                     **trainer_adjustments(trainer_cfg))
+    keep_determinism_cheap()  # after the Trainer has switched deterministic algorithms on
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    # data.cache_features: with a frozen backbone, run it once per image instead of once per epoch.
+    feature_cache.attach(datamodule, model, trainer)
+    return datamodule, model, trainer
+
+
+def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Fit and test one configuration; return the metrics written to ``metrics.json``."""
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    # Before any work: a missing or unsafe resume checkpoint is reported at once.
+    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
+    datamodule, model, trainer = build(cfg, extra_callbacks)
+    classes = datamodule.classes
 
     started = time.perf_counter()
     # weights_only=True explicitly: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.

@@ -73,6 +73,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.hflip": (lambda v: isinstance(v, bool), "true or false"),
     "data.check_images": (lambda v: isinstance(v, bool), "true or false"),
     "data.on_bad_image": _one_of("error", "skip"),
+    "data.cache": (lambda v: isinstance(v, bool), "true or false"),
+    "data.cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     # trainer
     "trainer.max_epochs": (lambda v: v is None or (_integer(v) and (v == -1 or v > 0)), "> 0 (or -1)"),
     "trainer.min_epochs": (lambda v: v is None or (_integer(v) and v >= 0), "null or an integer >= 0"),
@@ -88,6 +90,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.limit_train_batches": (_batches_limit, "null, an integer >= 0 or a fraction in [0, 1]"),
     "trainer.limit_val_batches": (_batches_limit, "null, an integer >= 0 or a fraction in [0, 1]"),
     "trainer.limit_test_batches": (_batches_limit, "null, an integer >= 0 or a fraction in [0, 1]"),
+    "trainer.profiler": (lambda v: v is None or v in ("simple", "advanced", "pytorch", "xla") or isinstance(v, (dict, DictConfig)),
+                         "null, simple, advanced, pytorch or a _target_ node"),
+    "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.channels_last": (lambda v: isinstance(v, bool), "true or false"),
     # callbacks
     "callbacks.step_checkpoint.every_n_steps": (lambda v: v is None or (_integer(v) and v >= 0),
                                                 "null or an integer >= 0 (0: off)"),

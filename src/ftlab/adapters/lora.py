@@ -94,9 +94,10 @@ class LoRALayer(AdapterLayer):
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_dropout(x)
+        # Scaling the rank-r tensor, not B's full-width output: the same product, r/out of the work.
         if self.lora_config["qkv"] is None:
-            return self.lora_B(self.lora_A(h)) * self.scaling
-        parts = {k: self.lora_B[k](self.lora_A[k](h)) * self.scaling for k in self.lora_config["qkv"]}
+            return self.lora_B(self.lora_A(h) * self.scaling)
+        parts = {k: self.lora_B[k](self.lora_A[k](h) * self.scaling) for k in self.lora_config["qkv"]}
         ref = next(iter(parts.values()))
         return torch.cat([parts[k] if k in parts else torch.zeros_like(ref) for k in QKV_SLICES], dim=-1)
 

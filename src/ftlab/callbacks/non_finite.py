@@ -46,7 +46,8 @@ class NonFiniteGuard(L.Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         if str(trainer.precision).startswith("16"):
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        # The optimizer's parameters, not the whole model's: a frozen backbone has hundreds without gradients.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
         # The max-norm is NaN/inf exactly when some element is (a 2-norm could overflow on finite values).

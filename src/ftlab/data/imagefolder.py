@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ftlab.data.feature_cache import FeatureCache, check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
 from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
 from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
@@ -24,6 +26,7 @@ from ftlab.errors import UserError
 log = logging.getLogger(__name__)
 
 Sample = tuple[str, int]
+_CAN_FORK = sys.platform.startswith("linux")
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -109,6 +112,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         folds: int | None = None,
         fold: int | None = None,
         on_bad_image: str = "error",
+        cache: bool = False,
+        cache_features: bool | str = "auto",
     ) -> None:
         super().__init__()
         if augment not in AUGMENT_PRESETS:
@@ -131,6 +136,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.crop_scale = tuple(crop_scale)
         self.seed = seed
         self.check = check_images
+        # Decode every image once in setup and serve samples from memory (ftlab.data.image_cache).
+        self.cache = cache
+        # Train the head on the frozen backbone's outputs, computed once (ftlab.data.feature_cache);
+        # ftlab.train attaches the cache when this allows it and the run makes it valid.
+        self.cache_features = check_cache_features(cache_features)
+        self.feature_cache: FeatureCache | None = None
         # Cross-validation (ftlab.crossval): with `fold` set, train/val are fold `fold` of `folds`
         # stratified folds over train+val pooled; the test split is untouched.
         check_fold_args(folds, fold)
@@ -250,6 +261,16 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.discover()
         train_tf, eval_tf = self._transforms()
+        if self.cache:
+            from ftlab.data.image_cache import cached_datasets
+
+            # One copy per process of this machine (DDP ranks each build theirs): the memory check counts all.
+            local = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
+            transforms = {"train": train_tf, "val": eval_tf, "test": eval_tf}
+            self.datasets = cached_datasets(
+                self._splits, transforms, self.preprocessing, resized=self.augment == "none", processes=local
+            )
+            return
         self.datasets = {
             "train": ImageListDataset(self._splits["train"], train_tf),
             "val": ImageListDataset(self._splits["val"], eval_tf),
@@ -272,6 +293,8 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self._resume = None
         elif split == "test" and world > 1:
             sampler = ShardSampler(dataset, num_replicas=world, rank=rank)
+        if self.feature_cache is not None and self.feature_cache.serves(split):
+            return self.feature_cache.loader(split, dataset, self.batch_size, sampler)
         loader_cls = ResumableLoader if split == "train" else DataLoader
         return loader_cls(
             dataset,
@@ -280,6 +303,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Forked workers share data.cache's buffer copy-on-write; spawn/forkserver (the default from
+            # Python 3.14) would pickle a copy of it into every worker.
+            multiprocessing_context="fork" if self.cache and self.num_workers > 0 and _CAN_FORK else None,
             pin_memory=on_gpu,
             drop_last=False,
         )

@@ -18,19 +18,22 @@ def _interpolation(name: str) -> T.InterpolationMode:
         return T.InterpolationMode.BICUBIC
 
 
-def eval_transform(cfg: dict[str, Any]) -> T.Compose:
-    """Resize to ``size / crop_pct`` then centre-crop ``size``, as the backbone was evaluated."""
+def eval_geometry(cfg: dict[str, Any]) -> T.Compose:
+    """The deterministic PIL part of :func:`eval_transform`: a ``size`` x ``size`` RGB image out."""
     size = cfg["size"]
     interp = _interpolation(cfg["interpolation"])
     resize = int(math.floor(size / cfg["crop_pct"]))
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=interp),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(cfg["mean"], cfg["std"]),
-        ]
-    )
+    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size)])
+
+
+def to_normalized_tensor(cfg: dict[str, Any]) -> T.Compose:
+    return T.Compose([T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+
+
+def eval_transform(cfg: dict[str, Any]) -> T.Compose:
+    """Resize to ``size / crop_pct`` then centre-crop ``size``, as the backbone was evaluated."""
+    # Split in two so data.cache can store the geometry's output and apply only the tensor part.
+    return T.Compose([*eval_geometry(cfg).transforms, *to_normalized_tensor(cfg).transforms])
 
 
 def train_transform(

@@ -1,0 +1,136 @@
+"""Shared by the benchmark scripts: timing, result rows, and the results JSON.
+
+Every script measures both sides of a ratio in the same process, interleaved, so drift on a shared
+machine moves both sides alike. Each writes ``<out>/<name>.json``::
+
+    {"name": ..., "config": {...}, "seconds": wall time, "rows": [
+        {"metric": ..., "value": ratio, "target": "≥ 0.95", "met": true|false|null,
+         "detail": "the raw measurements behind the ratio"}]}
+
+``python bench/<name>.py --tiny`` runs the same code at toy sizes (the smoke test in ``make test``);
+its numbers mean nothing and its rows carry ``"met": null``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results"
+_OPS = {"≥": operator.ge, "≤": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the script runs, measures nothing")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for <name>.json")
+    if extra:
+        extra(parser)
+    return parser.parse_args()
+
+
+def row(metric: str, value: float, target: str | None, detail: str = "", tiny: bool = False) -> dict[str, Any]:
+    """One line of the table. ``target`` is e.g. "≥ 0.95" or "≤ 0.8"; None for figures without one."""
+    met = None
+    if target and not tiny:
+        op, bound = target.split()
+        met = bool(_OPS[op](value, float(bound)))
+    return {"metric": metric, "value": round(float(value), 4), "target": target, "met": met, "detail": detail}
+
+
+def write_result(name: str, out: Path, rows: list[dict[str, Any]], config: dict[str, Any], started: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    data = {
+        "name": name,
+        "config": config,
+        "threads": _threads(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    for r in rows:
+        flag = {True: "met", False: "MISSED", None: ""}[r["met"]]
+        print(f"[{name}] {r['metric']}: {r['value']:.4g} (target {r['target'] or '-'}) {flag}  {r['detail']}")
+    return path
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation (A B C A B C ...) so that load
+    from other processes falls on every side alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ensure_src_on_path() -> None:
+    """Run from a checkout without installing (the Makefile uses the venv, where ftlab is installed)."""
+    src = str(REPO / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
+def compose(overrides: list[str], run_dir: Path) -> Any:
+    """The shipped Hydra config with ``overrides``, as ``python -m ftlab`` composes it, writing into
+    ``run_dir``. Data stays where users have it (``data/`` of the checkout, or FTLAB_DATA_DIR)."""
+    ensure_src_on_path()
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from ftlab.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}", *overrides],
+                            return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.output_dir = str(run_dir)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+# At toy sizes: the tiny timm network the tests use, 32 px, one short epoch.
+TINY_OVERRIDES = ["model=timm", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32",
+                  "trainer.accelerator=cpu", "trainer.devices=1"]

@@ -1,0 +1,116 @@
+"""LoRA vs full fine-tuning: training step time and peak memory, on the default backbone and resnet50.
+
+Step time: both models of a backbone are built in one process and their optimizer steps
+(forward, loss, backward, AdamW step) alternate on the same random 224-px batch, after warm-up.
+Peak memory: each (backbone, method) trains a few steps in a fresh child process; the figure is the
+child's peak resident memory (what the operating system sees: weights, activations, gradients,
+optimizer state, the Python runtime). Random initialisation: weights do not change the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, write_result
+
+# Each with its shipped LoRA targets (conf/model/<name>.yaml).
+BACKBONES = {
+    "efficientnet_lite0": ["model=efficientnet_lite0", "model.pretrained=false"],
+    "resnet50": ["model=resnet50", "model.pretrained=false"],
+}
+
+
+def _step_fn(cfg: Any, batch: int, size: int) -> tuple[Any, int]:
+    import torch
+
+    from ftlab.train import build
+
+    _, model, _ = build(cfg)
+    model.train()
+    optimizer = model.optimizer_factory(model.param_groups())
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, model.hparams.num_classes, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model.net(x), y).backward()
+        optimizer.step()
+
+    return step, model.parameter_counts()["params_trainable"]
+
+
+def _overrides(backbone: str, method: str, size: int, tiny: bool) -> list[str]:
+    base = TINY_OVERRIDES if tiny else BACKBONES[backbone]
+    return [*base, f"method={method}", f"data.image_size={size}", "trainer.accelerator=cpu", "data.num_workers=0"]
+
+
+def child(backbone: str, method: str, batch: int, size: int, steps: int, tiny: bool) -> None:
+    """Train ``steps`` steps and print the peak RSS (MiB) as JSON: run in a fresh process."""
+    cfg = compose(_overrides(backbone, method, size, tiny), Path(tempfile.mkdtemp(prefix="ftlab-bench-")))
+    step, _ = _step_fn(cfg, batch, size)
+    built = _peak_rss_mb()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "built_mb": built}))
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not getrusage's ru_maxrss: that one survives exec, so a child started by a big parent
+    # would report the parent's peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss(backbone: str, method: str, batch: int, size: int, steps: int, tiny: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", backbone, method, str(batch), str(size), str(steps)]
+    out = subprocess.run(cmd + (["--tiny"] if tiny else []), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if "--child" in sys.argv:
+        i = sys.argv.index("--child")
+        backbone, method, batch, size, steps = sys.argv[i + 1:i + 6]
+        child(backbone, method, int(batch), int(size), int(steps), "--tiny" in sys.argv)
+        return
+    args = parse_args(__doc__.splitlines()[0])
+    started = time.perf_counter()
+    size, rounds, mem_steps = (32, 2, 1) if args.tiny else (224, 4, 2)
+    # Batches a 2-core CPU steps through in about a second; same batch for both methods.
+    batches = {"efficientnet_lite0": 4 if args.tiny else 32, "resnet50": 4 if args.tiny else 16}
+    rows, config = [], {"size": size, "batches": batches, "rounds": rounds}
+    tmp = Path(tempfile.mkdtemp(prefix="ftlab-bench-"))
+    for backbone in (["efficientnet_lite0"] if args.tiny else BACKBONES):
+        batch = batches[backbone]
+        steps, trainable = {}, {}
+        for method in ("full", "lora"):
+            cfg = compose(_overrides(backbone, method, size, args.tiny), tmp / f"{backbone}-{method}")
+            steps[method], trainable[method] = _step_fn(cfg, batch, size)
+        t = interleaved(steps, rounds=rounds, warmup=2)
+        mem = {m: peak_rss(backbone, m, batch, size, mem_steps, args.tiny) for m in ("full", "lora")}
+        rows.append(row(
+            f"LoRA / full step time ({backbone}, {size} px)", t["lora"] / t["full"], "≤ 0.8",
+            f"batch {batch}: lora {t['lora'] * 1000:.0f} ms vs full {t['full'] * 1000:.0f} ms per step "
+            f"(median of {rounds}); trainable {trainable['lora']:,} vs {trainable['full']:,}", args.tiny))
+        peak = {m: v["peak_rss_mb"] for m, v in mem.items()}
+        grown = {m: v["peak_rss_mb"] - v["built_mb"] for m, v in mem.items()}
+        rows.append(row(
+            f"LoRA / full peak memory ({backbone}, {size} px)", peak["lora"] / peak["full"], "< 1",
+            f"peak RSS lora {peak['lora']:.0f} MiB vs full {peak['full']:.0f} MiB after {mem_steps} steps; "
+            f"growth over the built model (activations, gradients, optimizer state) {grown['lora']:.0f} vs "
+            f"{grown['full']:.0f} MiB", args.tiny))
+    write_result("lora_vs_full", args.out, rows, config, started)
+
+
+if __name__ == "__main__":
+    main()
