@@ -134,3 +134,40 @@ def compose(overrides: list[str], run_dir: Path) -> Any:
 # At toy sizes: the tiny timm network the tests use, 32 px, one short epoch.
 TINY_OVERRIDES = ["model=timm", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32",
                   "trainer.accelerator=cpu", "trainer.devices=1"]
+
+
+def train_step(cfg: Any, batch: int, size: int) -> tuple[Callable[[], None], Any]:
+    """One optimizer step (forward, loss, backward, AdamW) of the model ``cfg`` builds, on a fixed random
+    batch; returns the step and the module. Built through ``ftlab.train.build``, so method, targets and
+    ``trainer.channels_last``/``compile`` apply as in a run."""
+    import torch
+
+    from ftlab.train import build
+
+    _, model, _ = build(cfg)
+    model.train()  # ClassifierModule.train keeps frozen norm statistics in eval mode
+    optimizer = model.optimizer_factory(model.param_groups())
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, model.hparams.num_classes, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.criterion(model(x), y).backward()
+        optimizer.step()
+
+    return step, model
+
+
+def tiny_image_folder(root: Path) -> Path:
+    """Three classes of eight random 20-px images in train/ and val/: enough for ``--tiny`` runs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(folder / f"{i}.png")
+    return root

@@ -17,21 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, write_result
-
-
-def _tiny_folder(root: Path) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(3):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(8):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(folder / f"{i}.png")
-    return root
+from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, tiny_image_folder, write_result
 
 
 def _epoch(loader: Any) -> Any:
@@ -51,7 +37,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ftlab-bench-"))
     if args.tiny:
-        base = [*TINY_OVERRIDES, "data=imagefolder", f"data.root={_tiny_folder(tmp / 'images')}",
+        base = [*TINY_OVERRIDES, "data=imagefolder", f"data.root={tiny_image_folder(tmp / 'images')}",
                 "data.num_workers=0", "data.batch_size=4"]
         sizes, rounds, steps = [32], 1, {32: 1}
     else:

@@ -15,34 +15,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, write_result
+from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, train_step, write_result
 
 # Each with its shipped LoRA targets (conf/model/<name>.yaml).
 BACKBONES = {
     "efficientnet_lite0": ["model=efficientnet_lite0", "model.pretrained=false"],
     "resnet50": ["model=resnet50", "model.pretrained=false"],
 }
-
-
-def _step_fn(cfg: Any, batch: int, size: int) -> tuple[Any, int]:
-    import torch
-
-    from ftlab.train import build
-
-    _, model, _ = build(cfg)
-    model.train()
-    optimizer = model.optimizer_factory(model.param_groups())
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, model.hparams.num_classes, (batch,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model.net(x), y).backward()
-        optimizer.step()
-
-    return step, model.parameter_counts()["params_trainable"]
 
 
 def _overrides(backbone: str, method: str, size: int, tiny: bool) -> list[str]:
@@ -53,7 +33,7 @@ def _overrides(backbone: str, method: str, size: int, tiny: bool) -> list[str]:
 def child(backbone: str, method: str, batch: int, size: int, steps: int, tiny: bool) -> None:
     """Train ``steps`` steps and print the peak RSS (MiB) as JSON: run in a fresh process."""
     cfg = compose(_overrides(backbone, method, size, tiny), Path(tempfile.mkdtemp(prefix="ftlab-bench-")))
-    step, _ = _step_fn(cfg, batch, size)
+    step, _ = train_step(cfg, batch, size)
     built = _peak_rss_mb()
     for _ in range(steps):
         step()
@@ -95,7 +75,8 @@ def main() -> None:
         steps, trainable = {}, {}
         for method in ("full", "lora"):
             cfg = compose(_overrides(backbone, method, size, args.tiny), tmp / f"{backbone}-{method}")
-            steps[method], trainable[method] = _step_fn(cfg, batch, size)
+            steps[method], model = train_step(cfg, batch, size)
+            trainable[method] = model.parameter_counts()["params_trainable"]
         t = interleaved(steps, rounds=rounds, warmup=2)
         mem = {m: peak_rss(backbone, m, batch, size, mem_steps, args.tiny) for m in ("full", "lora")}
         rows.append(row(

@@ -11,30 +11,10 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, write_result
+from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, train_step, write_result
 
 VARIANTS = {"eager": [], "channels_last": ["trainer.channels_last=true"], "compile": ["trainer.compile=true"]}
-
-
-def _step(cfg: Any, batch: int, size: int) -> Any:
-    import torch
-
-    from ftlab.train import build
-
-    _, model, _ = build(cfg)
-    model.train()
-    optimizer = model.optimizer_factory(model.param_groups())
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, model.hparams.num_classes, (batch,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()  # model(): applies channels_last to x
-        optimizer.step()
-
-    return step
 
 
 def main() -> None:
@@ -52,7 +32,7 @@ def main() -> None:
         for name, extra in variants.items():
             base = TINY_OVERRIDES if args.tiny else ["model.pretrained=false"]
             cfg = compose([*base, *extra, f"data.image_size={size}", "data.num_workers=0"], tmp / f"{name}-{size}")
-            steps[name] = _step(cfg, batch, size)
+            steps[name], _ = train_step(cfg, batch, size)
             t0 = time.perf_counter()
             steps[name]()  # the first step compiles
             compile_seconds[f"{name} {size}px"] = round(time.perf_counter() - t0, 1)

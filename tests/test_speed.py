@@ -59,3 +59,16 @@ def test_speed_options_are_validated(compose_cfg, imagefolder: Path) -> None:
 
     with pytest.raises(UserError, match="trainer.compile"):
         run(compose_cfg(_overrides(imagefolder, "trainer.compile=yes")))
+
+
+def test_deterministic_runs_skip_the_uninitialised_memory_fill(compose_cfg, imagefolder: Path) -> None:
+    # trainer.deterministic=warn keeps deterministic algorithms on (seeded runs repeat exactly, see
+    # test_resume.py::test_same_seed_same_metrics) without torch's NaN fill of every new tensor.
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        build(compose_cfg(_overrides(imagefolder)))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True
