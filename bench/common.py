@@ -110,25 +110,9 @@ def compose(overrides: list[str], run_dir: Path) -> Any:
     """The shipped Hydra config with ``overrides``, as ``python -m ftlab`` composes it, writing into
     ``run_dir``. Data stays where users have it (``data/`` of the checkout, or FTLAB_DATA_DIR)."""
     ensure_src_on_path()
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from ftlab.train import compose_config
 
-    from ftlab.train import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}", *overrides],
-                            return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO)
-        cfg.paths.output_dir = str(run_dir)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_config(overrides, run_dir, root_dir=REPO)
 
 
 # At toy sizes: the tiny timm network the tests use, 32 px, one short epoch.

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from PIL import Image
 
-from ftlab.train import CONFIG_DIR
+from ftlab.train import CONFIG_DIR, compose_config
 
 REPO = Path(CONFIG_DIR).parent
 # A tiny timm network (~0.5M params) keeps end-to-end tests to seconds.
@@ -62,21 +60,7 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose the shipped configs with overrides, as the CLI would, writing into tmp_path."""
 
     def _compose(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        run_dir = run_dir or tmp_path / "run"
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(
-                config_name="config",
-                overrides=[f"hydra.run.dir={run_dir}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(tmp_path)
-            cfg.paths.output_dir = str(run_dir)
-            cfg.hydra.runtime.output_dir = str(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_config(overrides, run_dir or tmp_path / "run", root_dir=tmp_path)
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from conftest import FAST_TRAINER, TINY_MODEL, make_imagefolder
 from ftlab.adapters.common import AdapterLayer
@@ -33,7 +31,7 @@ from ftlab.export import FORMATS, export, load_export, max_rel_error
 from ftlab.inference import load_predictor
 from ftlab.models import build_backbone
 from ftlab.predict import predict
-from ftlab.train import CONFIG_DIR, run
+from ftlab.train import compose_config, run
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -50,16 +48,7 @@ def _train_run(root: Path) -> Path:
     run_dir = root / "run"
     overrides = ["method=lora", "data=imagefolder", f"data.root={images}", "data.batch_size=8", *TINY_MODEL,
                  f"model.checkpoint={base}", "model.lr=0.05", *FAST_TRAINER, "logger=none"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.output_dir = str(run_dir)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    run_dir.mkdir(parents=True)
-    HydraConfig.instance().set_config(cfg)
+    cfg = compose_config(overrides, run_dir, root_dir=root)
     try:
         run(cfg)
     finally:

@@ -42,6 +42,31 @@ OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def compose_config(overrides: Sequence[str], run_dir: str | Path, root_dir: str | Path | None = None) -> DictConfig:
+    """The shipped config with ``overrides``, composed as ``python -m ftlab`` does, writing into ``run_dir``.
+
+    For programs that call :func:`run`/:func:`build` without the CLI (tests, benchmarks, notebooks).
+    ``root_dir`` replaces the working directory under which ``data/`` and ``outputs/`` resolve.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    run_dir = Path(run_dir)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}", *overrides],
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        if root_dir is not None:
+            cfg.paths.root_dir = str(root_dir)
+        cfg.paths.output_dir = str(run_dir)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
