@@ -7,20 +7,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup train test test-all lint tensorboard clean compare bench
 
+# One line per step; pip's own output only when something goes wrong.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import ftlab, torch, lightning, hydra, timm" 
-	touch $(STAMP)
+	@echo "ftlab: creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	@echo "ftlab: installing ftlab and its dependencies into $(VENV) (a few minutes the first time)"
+	@$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import ftlab, torch, lightning, hydra, timm"
+	@touch $(STAMP)
 
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/python -m ftlab $(ARGS)
+	@$(BIN)/python -m ftlab $(ARGS)
 
+# Two worker processes (pytest-xdist), one per core of a small machine; `make test ARGS="-n 0"` for serial.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -14,9 +14,7 @@ its numbers mean nothing and its rows carry ``"met": null``.
 from __future__ import annotations
 
 import argparse
-import json
 import operator
-import os
 import statistics
 import sys
 import time
@@ -57,9 +55,10 @@ def write_result(name: str, out: Path, rows: list[dict[str, Any]], config: dict[
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    ensure_src_on_path()
+    from ftlab.fileio import write_json
+
+    write_json(path, data)
     for r in rows:
         flag = {True: "met", False: "MISSED", None: ""}[r["met"]]
         print(f"[{name}] {r['metric']}: {r['value']:.4g} (target {r['target'] or '-'}) {flag}  {r['detail']}")
@@ -110,7 +109,7 @@ def compose(overrides: list[str], run_dir: Path) -> Any:
     """The shipped Hydra config with ``overrides``, as ``python -m ftlab`` composes it, writing into
     ``run_dir``. Data stays where users have it (``data/`` of the checkout, or FTLAB_DATA_DIR)."""
     ensure_src_on_path()
-    from ftlab.train import compose_config
+    from ftlab.config import compose_config
 
     return compose_config(overrides, run_dir, root_dir=REPO)
 

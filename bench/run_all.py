@@ -1,7 +1,9 @@
 """`make bench`: run every benchmark in turn, then print the table of ratios beside their targets.
 
 Each script also runs alone (``python bench/<name>.py``). ``--only overhead,lora_vs_full`` picks some;
-``--tiny`` runs them at toy sizes (the smoke test). The table goes to stdout and ``<out>/summary.md``.
+``--tiny`` runs them at toy sizes (the smoke test). The table goes to stdout and ``<out>/summary.md``;
+a full run (every benchmark, not ``--tiny``, none failed) also regenerates docs/performance.md
+(``bench/make_docs.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def main() -> None:
     total = time.perf_counter() - started
     (args.out / "summary.md").write_text(text + f"\n\nTotal {total / 60:.1f} min.\n")
     print("\n" + text + f"\n\nTotal {total / 60:.1f} min; results in {args.out}/")
+    # docs/performance.md shows a full measurement only: every benchmark, real sizes, none failed.
+    if not args.tiny and not failed and chosen == list(BENCHMARKS):
+        from make_docs import write_doc
+
+        print(f"docs: regenerated {write_doc(args.out)}")
     if failed:
         sys.exit(f"bench: {', '.join(failed)} failed (output above)")
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny generated ImageFolder trees, composed real configs, the CLI in a subprocess."""
+"""Shared fixtures: tiny generated ImageFolder trees, composed real configs, the CLI in a subprocess.
+
+Constants and plain functions the tests import live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +11,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from PIL import Image
 
-from ftlab.train import CONFIG_DIR, compose_config
-
-REPO = Path(CONFIG_DIR).parent
-# A tiny timm network (~0.5M params) keeps end-to-end tests to seconds.
-TINY_MODEL = ["model=timm", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32"]
-FAST_TRAINER = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0"]
-
-
-def make_imagefolder(
-    root: Path,
-    classes: tuple[str, ...] = ("cat", "dog", "fox"),
-    per_class: int = 10,
-    splits: tuple[str, ...] = ("train",),
-    size: int = 20,
-) -> Path:
-    """Write a learnable toy dataset: each class is a distinct colour with noise."""
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c, cls in enumerate(classes):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                base = np.zeros((size, size, 3), np.float32)
-                base[..., c % 3] = 200
-                img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+from ftlab.config import compose_config
+from helpers import make_imagefolder
 
 
 @pytest.fixture
@@ -94,7 +70,3 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# For subprocesses started by tests: the same reason as `one_thread`.
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -22,16 +22,17 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import FAST_TRAINER, TINY_MODEL, make_imagefolder
 from ftlab.adapters.common import AdapterLayer
 from ftlab.cli import main as cli_main
+from ftlab.config import compose_config
 from ftlab.errors import UserError
 from ftlab.evaluate import evaluate
 from ftlab.export import FORMATS, export, load_export, max_rel_error
 from ftlab.inference import load_predictor
 from ftlab.models import build_backbone
 from ftlab.predict import predict
-from ftlab.train import compose_config, run
+from ftlab.train import run
+from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
 
 CLASSES = ["cat", "dog", "fox"]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_imagefolder
 from ftlab.data import ImageFolderDataModule
 from ftlab.data.image_check import LIST_AT_MOST, image_problem
-from ftlab.data.imagefolder import load_rgb
+from ftlab.data.images import load_rgb
 from ftlab.errors import UserError
+from helpers import make_imagefolder
 
 
 def _truncated_jpeg(path: Path) -> None:

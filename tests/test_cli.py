@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_imagefolder
+from helpers import make_imagefolder
 
 pytestmark = pytest.mark.cli
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ftlab.config import CONFIG_DIR
 from ftlab.errors import UserError
-from ftlab.train import CONFIG_DIR, run
+from ftlab.train import run
 from ftlab.validate import validate
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))

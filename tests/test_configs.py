@@ -9,8 +9,8 @@ import pytest
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ftlab.config import CONFIG_DIR
 from ftlab.speed import SPEED_KEYS, apply_speed_options
-from ftlab.train import CONFIG_DIR
 from ftlab.validate import CHECKS
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_imagefolder
 from ftlab.data import DigitsDataModule, ImageFolderDataModule, load_rgb, materialize_digits
 from ftlab.errors import UserError
+from helpers import make_imagefolder
 
 PREPROC = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "crop_pct": 1.0}
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_TRAINER, TINY_MODEL, make_imagefolder
 from ftlab.data import ImageFolderDataModule, image_cache
 from ftlab.data.image_cache import CachedImageListDataset, DecodedImages
 from ftlab.errors import UserError
 from ftlab.validate import validate
+from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
 
 PREPROC = {"size": 16, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "interpolation": "bicubic",
            "crop_pct": 0.875}
@@ -102,7 +102,7 @@ def test_decoding_happens_once_in_setup(tmp_path: Path, monkeypatch: pytest.Monk
     calls: list[str] = []
     real = image_cache.load_rgb
     monkeypatch.setattr(image_cache, "load_rgb", lambda p: calls.append(p) or real(p))
-    monkeypatch.setattr("ftlab.data.imagefolder.load_rgb", lambda p: pytest.fail(f"{p} read by the dataset"))
+    monkeypatch.setattr("ftlab.data.images.load_rgb", lambda p: pytest.fail(f"{p} read by the dataset"))
     dm = _module(root, True, augment="basic")
     assert sorted(calls) == sorted({p for s in ("train", "val") for p, _ in dm._splits[s]})
     for _ in range(2):

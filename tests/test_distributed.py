@@ -16,9 +16,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import open_dict, read_write
 
-from conftest import ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
+from ftlab.config import check_group_choices
 from ftlab.distributed import DistributedJobs, block_policy, child_command, trainer_adjustments
-from ftlab.train import check_group_choices
+from helpers import ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 
 
 @pytest.mark.slow

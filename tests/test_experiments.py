@@ -11,8 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import FAST_TRAINER, TINY_MODEL, make_imagefolder
 from ftlab.errors import UserError
+from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
@@ -239,7 +239,8 @@ def test_tensorboard_gets_hparams_confusion_matrix_and_worst_images(compose_cfg,
     tags = acc.Tags()
     assert {"test/confusion_matrix", "test/per_class_accuracy", "test/worst_misclassified"} <= set(tags["images"])
     assert {"test_per_class/acc_cat", "test_per_class/acc_dog", "test_per_class/acc_fox"} <= set(tags["scalars"])
-    assert acc.Scalars("hp/test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+    # No copies of the final numbers: each would be a chart of one point in the Scalars/Time Series tabs.
+    assert not [t for t in tags["scalars"] if t.startswith("hp/")]
 
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
@@ -248,7 +249,20 @@ def test_tensorboard_gets_hparams_confusion_matrix_and_worst_images(compose_cfg,
     assert hparams["model.lr"].number_value == pytest.approx(0.003)
     assert hparams["model.head_dropout"].number_value == pytest.approx(0.2)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {"hp/val/acc_best", "hp/test/acc", "hp/fit_seconds"} <= {m.name.tag for m in experiment.metric_infos}
+    # The metric columns are the curves training logged; the HParams table shows their last value.
+    columns = [m.name.tag for m in experiment.metric_infos]
+    assert columns[:3] == ["val/acc_best", "test/acc", "test/f1"]
+    for tag in columns:
+        assert acc.Scalars(tag)[-1].value == pytest.approx(metrics[tag])
+    # Numbers without a curve are hparam columns; null values are left out.
+    assert hparams["fit_seconds"].number_value == pytest.approx(metrics["fit_seconds"])
+    assert hparams["params_trainable"].number_value == metrics["params_trainable"]
+    assert "data.fold" not in hparams and "model.weights" not in hparams
+    # The keys set on the command line lead: TensorBoard lists the hparams marked `differs` first.
+    names = [h.name for h in experiment.hparam_infos]
+    leading = [h.name for h in experiment.hparam_infos if h.differs]
+    assert {"method", "model", "model.lr", "model.head_dropout"} <= set(leading)
+    assert names[: len(leading)] == leading and "data.augment" not in leading
 
     # The confusion matrix is drawn from every test image: 18 of them.
     image = acc.Images("test/confusion_matrix")[-1]

@@ -12,13 +12,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import FAST_TRAINER, TINY_MODEL, make_imagefolder
 from ftlab import train
 from ftlab.data import feature_cache
 from ftlab.data.feature_cache import HeadOnFeatures, random_layers
 from ftlab.errors import UserError
 from ftlab.evaluate import evaluate
 from ftlab.validate import validate
+from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +95,7 @@ def test_auto_stays_off_when_invalid(compose_cfg, data, extra: list[str], caplog
                        "use method=linear or data.cache_features=auto"),
     (["model.freeze_norm_stats=false"], "data.cache_features=true: model.freeze_norm_stats=false lets"),
 ])
-def test_true_when_invalid_is_a_user_error(compose_cfg, data, extra: list[str], message: str) -> None:
+def test_true_when_invalid_is_auser_message(compose_cfg, data, extra: list[str], message: str) -> None:
     with pytest.raises(UserError) as info:
         train.build(compose_cfg(_overrides(data, "data.cache_features=true", *extra)))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import FAST_TRAINER, TINY_MODEL
 from ftlab.adapters import adapter_params
 from ftlab.artifacts import load_artifact
 from ftlab.methods.groups import backbone_groups
 from ftlab.train import run
+from helpers import FAST_TRAINER, TINY_MODEL
 
 METHODS = ["full", "linear", "bitfit", "partial", "gradual", "ssf", "lora", "dora"]
 LITE0 = ["model=efficientnet_lite0", "data.image_size=32"]
@@ -141,11 +141,11 @@ def test_only_trainable_parameters_change_and_frozen_bn_stats_stay(compose_cfg, 
     ("model.init=svd", "init"),
 ])
 def test_bad_lora_keys_are_user_errors(compose_cfg, override: str, words: str) -> None:
-    from ftlab.train import _user_error
+    from ftlab.errors import user_message
 
     with pytest.raises(Exception) as info:  # noqa: PT011 - Hydra wraps it; the chain must hold a UserError
         _module(compose_cfg, "lora", override, model=LITE0)
-    message = _user_error(info.value)
+    message = user_message(info.value)
     assert message is not None and words in message, message
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 from ftlab.errors import UserError
 from ftlab.module import ClassifierModule
 from ftlab.train import run
+from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

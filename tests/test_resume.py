@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 from ftlab.checkpoints import AtomicCheckpointIO
 from ftlab.train import run
+from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 
 # 26 train images / batch 4 = 7 steps per epoch; a step checkpoint every 3 steps never falls on an epoch end
 # before step 21, so the first one is mid-epoch.

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
-from ftlab.errors import UserError
-from ftlab.train import _user_error, run
+from ftlab.errors import UserError, user_message
+from ftlab.train import run
+from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src" / "ftlab"
@@ -63,7 +63,7 @@ def test_weights_with_code_are_refused_by_a_real_run(compose_cfg, tmp_path: Path
                            f"model.checkpoint={evil}"])
         with pytest.raises(Exception) as err:  # noqa: B017 - Hydra wraps it; the CLI digs it out the same way
             run(cfg)
-        assert f"{name}: refused to load" in (_user_error(err.value) or ""), err.value
+        assert f"{name}: refused to load" in (user_message(err.value) or ""), err.value
         assert not marker.exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, TINY_MODEL
 from ftlab.inference import load_predictor
 from ftlab.train import build, run
+from helpers import FAST_TRAINER, TINY_MODEL
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:

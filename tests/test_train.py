@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, TINY_MODEL
-from ftlab.module import ClassifierModule, _metrics, warmup_cosine
+from ftlab.module import ClassifierModule, classification_metrics, warmup_cosine
 from ftlab.train import run
+from helpers import FAST_TRAINER, TINY_MODEL
 
 METRIC_KEYS = {"method", "model", "data", "num_classes", "params_total", "params_trainable", "val/acc_best",
                "test/acc", "test/f1", "fit_seconds", "peak_rss_mb", "epochs"}
@@ -65,7 +65,7 @@ def test_resume_from_last_checkpoint_continues_the_run(compose_cfg, imagefolder:
     assert resumed["global_steps"] == 2 * steps_per_epoch
 
 
-def test_missing_resume_checkpoint_is_a_user_error(compose_cfg, imagefolder: Path) -> None:
+def test_missing_resume_checkpoint_is_auser_message(compose_cfg, imagefolder: Path) -> None:
     from ftlab.errors import UserError
 
     with pytest.raises(UserError, match="last.ckpt does not exist"):
@@ -97,7 +97,7 @@ def test_metrics_match_sklearn() -> None:
     torch.manual_seed(0)
     y = torch.randint(0, 10, (300,))
     logits = torch.randn(300, 10) + 3 * torch.nn.functional.one_hot(y, 10)
-    metrics = _metrics(10, "test/")
+    metrics = classification_metrics(10, "test/")
     for i in range(0, 300, 32):
         metrics.update(logits[i:i + 32], y[i:i + 32])
     out = metrics.compute()

@@ -19,6 +19,7 @@ from torch import nn
 
 from ftlab.adapters import adapter_config, load_adapter, merge_adapters, save_adapter
 from ftlab.models import build_backbone
+from ftlab.models.weights import read_state_dict
 
 BASE_KEYS = ("source", "name", "pretrained", "weights", "checkpoint")
 
@@ -114,7 +115,5 @@ def load_artifact(run_dir: str | Path, prefer: str = "adapter") -> tuple[nn.Modu
     if use_adapter:
         load_adapter(net, str(adapter))
     else:
-        from ftlab.models.weights import read_state_dict
-
         net.load_state_dict(read_state_dict(whole))
     return net.eval(), info

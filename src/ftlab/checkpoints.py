@@ -11,6 +11,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ftlab.errors import UserError
+from ftlab.fileio import atomic_open, disk_full_error, is_disk_full
 
 # What a Lightning training checkpoint holds at the top level (and ftlab's hold nothing else to unpickle).
 _REQUIRED = ("state_dict", "global_step", "loops")
@@ -41,6 +42,18 @@ def check_checkpoint(path: str | Path) -> None:
         raise UserError(f"ckpt_path={path}: not a Lightning training checkpoint (no {', '.join(missing)})")
 
 
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``ckpt_path=`` as a checked file path: ``last`` is the run directory's ``checkpoints/last.ckpt``."""
+    if not ckpt_path:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        hint = " (resume inside the run's directory: add hydra.run.dir=<run dir>)" if ckpt_path == "last" else ""
+        raise UserError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
+    check_checkpoint(path)  # refuse pickled code with a clear message before Lightning loads it
+    return str(path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file beside the target, then rename: a kill never leaves half a checkpoint.
 
@@ -55,14 +68,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in target or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{target}.tmp{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(target, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            kept = (f"the last good checkpoint {target} is kept" if os.path.exists(target)
+                    else "no checkpoint was written")
+            raise disk_full_error(target, _tensor_bytes(checkpoint), kept) from None
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about what the file needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftlab.errors import UserError, suggest
+from ftlab.errors import UserError, suggest, user_message
 
 SOURCE_HELP = """\
 RUN is a run directory (outputs/runs/<run>: its model.safetensors or adapter.safetensors, else
@@ -152,8 +152,9 @@ def parse_args(name: str, argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+# Each command imports its module when it runs: `ftlab --help` and `ftlab report` start without torch.
 def _train(argv: list[str]) -> int:
-    from ftlab.train import main as train_main
+    from ftlab.entry import main as train_main
 
     # Hydra parses sys.argv itself.
     sys.argv = [sys.argv[0], *argv]
@@ -222,11 +223,10 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 
 def _error_message(exc: BaseException) -> str | None:
     from ftlab.export import ExportCheckError
-    from ftlab.train import _user_error
 
     if isinstance(exc, ExportCheckError):
         return str(exc)
-    return _user_error(exc)
+    return user_message(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,10 +20,11 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ftlab.errors import UserError
-from ftlab.train import _write_json, run
+from ftlab.errors import UserError, user_message
+from ftlab.fileio import write_json
+from ftlab.train import run
 
-log = logging.getLogger("ftlab.crossval")
+log = logging.getLogger(__name__)
 
 # Copied from the first completed fold: they are the same in every fold.
 SHARED_KEYS = ("method", "model", "data", "num_classes", "params_total", "params_trainable",
@@ -49,9 +50,7 @@ def _save_fold_hydra(fold_cfg: DictConfig, fold: int, fold_dir: Path) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    from ftlab.train import _user_error
-
-    return " ".join((_user_error(exc) or f"{type(exc).__name__}: {exc}").split())
+    return " ".join((user_message(exc) or f"{type(exc).__name__}: {exc}").split())
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,7 +118,7 @@ def run_folds(cfg: DictConfig) -> dict[str, Any]:
         ],
         "output_dir": str(parent),
     }
-    _write_json(parent / "metrics.json", parent_metrics)
+    write_json(parent / "metrics.json", parent_metrics)
     _print_folds(parent_metrics)
     if failed:
         summary = "; ".join(f"fold {f['fold']}: {f['error']}" for f in failed)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,19 +10,19 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ftlab.data.imagefolder import Sample, list_classes, scan_split
+from ftlab.data import ImageFolderDataModule, Sample, list_classes, scan_split
 from ftlab.errors import UserError
+from ftlab.fileio import write_json
 from ftlab.inference import (
     describe_source,
     image_loader,
     load_predictor,
     pick_device,
-    run_config,
-    run_data_root,
     warn_unreadable,
     with_progress,
 )
-from ftlab.module import _metrics
+from ftlab.module import classification_metrics
+from ftlab.runs import run_config, run_data_root
 
 SPLITS = ("test", "val", "train")
 
@@ -61,7 +59,6 @@ def _datamodule(cfg: Any, root: str, target: str | None) -> Any:
 
     from hydra.utils import get_class
 
-    from ftlab.data import ImageFolderDataModule
 
     settings: dict[str, Any] = {}
     if cfg is not None and "data" in cfg:
@@ -121,7 +118,7 @@ def _confusion_table(matrix: torch.Tensor, names: list[str]) -> list[dict[str, A
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, names: list[str]) -> dict[str, Any]:
     """Accuracy, top-5 (more than 5 classes), macro F1 and loss as in training, plus per-class figures."""
     n = len(names)
-    metrics = _metrics(n, "")
+    metrics = classification_metrics(n, "")
     metrics.update(logits, targets)
     values = {k: float(v) for k, v in metrics.compute().items()}
     confusion = MulticlassConfusionMatrix(n)(logits, targets).long()
@@ -143,13 +140,6 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, names: list[str
     if out["top5_accuracy"] is None:
         del out["top5_accuracy"]
     return out
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def default_output(info: dict[str, Any], split: str, data_root: str | None) -> Path:
@@ -205,7 +195,7 @@ def evaluate(
         "seconds": round(seconds, 2),
     }
     out = Path(output).expanduser() if output else default_output(info, split, data_root)
-    _write_json(out, result)
+    write_json(out, result)
     result["output"] = str(out)
     print_eval_summary(result, describe_source(info))
     return result

@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftlab.adapters import merge_adapters
+from ftlab.adapters.common import adapter_layers
 from ftlab.errors import UserError
 from ftlab.inference import describe_source, load_plain_state, load_predictor
+from ftlab.models import build_backbone
+from ftlab.models.weights import read_state_dict
 
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.pt", "onnx": "model.onnx"}
 MAX_REL_ERROR = 1e-5
@@ -39,9 +43,6 @@ def max_rel_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def plain_copy(net: nn.Module) -> nn.Module:
     """A deep copy with every adapter folded into its layer; refuses to return one that still has adapters."""
-    from ftlab.adapters import merge_adapters
-    from ftlab.adapters.common import adapter_layers
-
     plain = copy.deepcopy(net).eval()
     merge_adapters(plain)
     left = adapter_layers(plain)
@@ -106,8 +107,6 @@ def load_export(
     path = directory / meta["file"]
     fmt = meta["format"]
     if fmt == "safetensors":
-        from ftlab.models import build_backbone
-        from ftlab.models.weights import read_state_dict
 
         net = build_backbone(meta["source"], meta["architecture"], meta["num_classes"], pretrained=False).net
         load_plain_state(net, read_state_dict(path), path)

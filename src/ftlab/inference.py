@@ -15,7 +15,6 @@ start here, so class names and preprocessing always travel with the weights.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import sys
@@ -25,52 +24,23 @@ from typing import Any
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from ftlab.adapters import CONFIG_KEY, load_adapter
+from ftlab.data.images import readable_image_loader
+from ftlab.data.transforms import eval_transform
 from ftlab.errors import UserError
+from ftlab.models import build_backbone
+from ftlab.models.weights import read_state_dict
+from ftlab.runs import find_run_dir, run_config
 
-log = logging.getLogger("ftlab")
+log = logging.getLogger(__name__)
 
 BASE_KEYS = ("source", "name", "pretrained", "weights", "checkpoint")
 CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt")
-
-
-# -- run directories ---------------------------------------------------------------------------
-def find_run_dir(path: Path) -> Path | None:
-    """The run directory ``path`` is, or holds ``path`` (beside the artifacts or in ``checkpoints/``)."""
-    home = path if path.is_dir() else path.parent
-    if not path.is_dir() and home.name == "checkpoints":
-        home = home.parent
-    return home if (home / ".hydra" / "config.yaml").is_file() else None
-
-
-def run_config(run_dir: Path) -> DictConfig:
-    """The run's composed config, with paths pinned so it resolves outside Hydra."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-    # ${cwd:} in paths.root_dir means the training process's directory, which hydra.yaml recorded.
-    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
-    with open_dict(cfg):
-        if "paths" in cfg:
-            cfg.paths.root_dir = cwd or os.getcwd()
-            cfg.paths.output_dir = str(run_dir)
-    return cfg
-
-
-def run_data_root(run_dir: Path, cfg: DictConfig) -> str:
-    """Where the run's data was: metrics.json records the resolved path; the config is the fallback."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        data = json.loads(metrics.read_text()).get("data")
-        if data:
-            return str(data)
-    try:
-        return str(OmegaConf.select(cfg, "data.root", throw_on_missing=True))
-    except Exception as exc:
-        raise UserError(f"{run_dir}: cannot tell where the run's data is ({exc}); pass data.root=DIR") \
-            from None
 
 
 # -- plain state dicts ---------------------------------------------------------------------------
@@ -115,10 +85,6 @@ def _info(kind: str, path: Path, meta: dict[str, Any], run_dir: Path | None) -> 
 
 
 def _is_adapter_file(path: Path) -> bool:
-    from safetensors import safe_open
-
-    from ftlab.adapters.state import CONFIG_KEY
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return CONFIG_KEY in (f.metadata() or {})
@@ -136,8 +102,6 @@ def base_rebuildable(base: dict[str, Any]) -> bool:
 
 
 def _from_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from ftlab.models import build_backbone
-
     meta_path = path.with_suffix(".yaml")
     if not meta_path.is_file():
         raise UserError(f"{path}: needs {meta_path.name} beside it (base model, class names, preprocessing)")
@@ -151,8 +115,6 @@ def _from_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
                 f"{path}: the adapter's base model was randomly initialised (pretrained=false), "
                 f"so its frozen weights are in no file{hint}"
             )
-        from ftlab.adapters import load_adapter
-
         net = build_backbone(base["source"], base["name"], meta["num_classes"], bool(base.get("pretrained")),
                              base.get("weights"), base.get("checkpoint")).net
         try:
@@ -160,14 +122,13 @@ def _from_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         except ValueError as exc:
             raise UserError(f"{path}: does not fit its base model {base['name']} ({exc})") from None
         return net.eval(), _info("adapter", path, meta, run_dir)
-    from ftlab.models.weights import read_state_dict
-
     net = build_backbone(base["source"], base["name"], meta["num_classes"], pretrained=False).net
     load_plain_state(net, read_state_dict(path), path)
     return net.eval(), _info("model", path, meta, run_dir)
 
 
 def _module_class(target: str, origin: Path) -> type:
+    # Lazy: Lightning (which the module imports) is only needed for checkpoints.
     from ftlab.module import ClassifierModule
 
     module_name, _, class_name = target.rpartition(".")
@@ -302,18 +263,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_workers(value: int | str) -> int:
-    from ftlab.data.imagefolder import ImageFolderDataModule
-
-    try:
-        workers = ImageFolderDataModule._resolve_workers(value)
-    except ValueError:
-        raise UserError(f"num_workers={value!r}: expected auto or an integer >= 0") from None
-    if workers < 0:
-        raise UserError(f"num_workers={value}: expected auto or an integer >= 0")
-    return workers
-
-
 def with_progress(batches: Iterable[Any], total: int, description: str) -> Iterator[Any]:
     """Yield ``batches`` under a progress bar on stderr (rich; plain when stderr is not a terminal)."""
     from rich.console import Console
@@ -330,49 +279,11 @@ def with_progress(batches: Iterable[Any], total: int, description: str) -> Itera
 
 
 # -- reading images that may be broken -----------------------------------------------------------
-class ImageFiles(Dataset):
-    """Images by path for inference: an unreadable file comes back as its error message instead of raising,
-    so one bad file among thousands is reported rather than ending the run."""
-
-    def __init__(self, paths: list[str], transform: Any) -> None:
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
-        from ftlab.data import load_rgb
-
-        try:
-            return self.transform(load_rgb(self.paths[i])), i, None
-        except Exception as exc:  # PIL raises many types for bad files
-            return None, i, f"{type(exc).__name__}: {exc}"
-
-
-def collate_readable(
-    items: list[tuple[torch.Tensor | None, int, str | None]],
-) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    """(stacked good images or None, their indices, [(index, error)] of the unreadable ones)."""
-    good = [(x, i) for x, i, err in items if err is None]
-    bad = [(i, err) for _, i, err in items if err is not None]
-    stacked = torch.stack([x for x, _ in good]) if good else None
-    return stacked, [i for _, i in good], bad
-
-
 def image_loader(
     paths: list[str], preprocessing: dict[str, Any], batch_size: int, num_workers: int | str
 ) -> DataLoader:
-    from ftlab.data.transforms import eval_transform
-
-    if batch_size < 1:
-        raise UserError(f"batch_size={batch_size}: must be a positive integer")
-    return DataLoader(
-        ImageFiles(paths, eval_transform(preprocessing)),
-        batch_size=batch_size,
-        num_workers=resolve_workers(num_workers),
-        collate_fn=collate_readable,
-    )
+    """Batches of (good images or None, their indices, [(index, error)]) in the model's eval preprocessing."""
+    return readable_image_loader(paths, eval_transform(preprocessing), batch_size, num_workers)
 
 
 def warn_unreadable(bad: list[tuple[str, str]]) -> None:

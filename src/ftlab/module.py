@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -17,14 +17,16 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ftlab.adapters import adapter_params
 from ftlab.models import build_backbone
 from ftlab.models.head_dropout import set_head_dropout
 from ftlab.speed import to_channels_last
+from ftlab.validate import BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Check
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
@@ -52,6 +54,15 @@ class ClassifierModule(L.LightningModule):
     """Fine-tune a pretrained backbone with a new head; subclasses choose what trains."""
 
     method = "full"
+    # model.<key> -> check, applied before any work (ftlab.validate); subclasses add their method's keys.
+    config_checks: ClassVar[dict[str, Check]] = {
+        "lr": POSITIVE,
+        "backbone_lr_mult": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "label_smoothing": FRACTION,
+        "warmup_ratio": FRACTION,
+        "freeze_norm_stats": BOOLEAN,
+    }
 
     def __init__(
         self,
@@ -88,8 +99,8 @@ class ClassifierModule(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = _metrics(num_classes, "val/")
-        self.test_metrics = _metrics(num_classes, "test/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
         self.configure_trainable(**method_kwargs)
 
@@ -115,8 +126,6 @@ class ClassifierModule(L.LightningModule):
         ``None`` means the whole network (full fine-tuning). Otherwise: the head, every trainable
         pretrained tensor, and BatchNorm running statistics when they were re-estimated.
         """
-        from ftlab.adapters import adapter_params
-
         adapters = set(adapter_params(self.net))
         head = self.head_name
         names = [n for n, p in self.net.named_parameters()

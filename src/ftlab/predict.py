@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import csv
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ftlab.data.images import list_images
 from ftlab.errors import UserError
+from ftlab.fileio import atomic_open
 from ftlab.inference import (
     describe_source,
     image_loader,
@@ -21,24 +21,6 @@ from ftlab.inference import (
     warn_unreadable,
     with_progress,
 )
-
-
-def list_images(input_path: str) -> list[str]:
-    """One file as given, or every image under a folder (recursively, sorted, by extension)."""
-    path = Path(input_path).expanduser()
-    if path.is_file():
-        return [str(path)]
-    if not path.is_dir():
-        raise UserError(f"input={input_path}: no such file or folder")
-    files = sorted(
-        os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(path, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
-    )
-    if not files:
-        raise UserError(f"input={input_path}: no images ({', '.join(IMG_EXTENSIONS[:5])}, ...) under it")
-    return files
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -74,27 +56,21 @@ def predict(
     counts: Counter[str] = Counter()
     written = 0
     started = time.perf_counter()
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with tmp.open("w", newline="") as handle, torch.inference_mode():
-            writer = csv.writer(handle)
-            writer.writerow(csv_header(k))
-            for x, idx, unreadable in with_progress(loader, len(loader), "predict"):
-                bad += [(files[i], err) for i, err in unreadable]
-                if x is None:
-                    continue
-                probs = net(x.to(dev)).float().softmax(dim=1).cpu()
-                top_p, top_i = probs.topk(k, dim=1)
-                for row, i in enumerate(idx):
-                    ranked = zip(top_i[row].tolist(), top_p[row].tolist(), strict=True)
-                    pairs = [(names[c], f"{p:.6f}") for c, p in ranked]
-                    writer.writerow([files[i], *pairs[0], *[v for pair in pairs for v in pair]])
-                    counts[pairs[0][0]] += 1
-                    written += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
+    with atomic_open(out, "w", newline="") as handle, torch.inference_mode():
+        writer = csv.writer(handle)
+        writer.writerow(csv_header(k))
+        for x, idx, unreadable in with_progress(loader, len(loader), "predict"):
+            bad += [(files[i], err) for i, err in unreadable]
+            if x is None:
+                continue
+            probs = net(x.to(dev)).float().softmax(dim=1).cpu()
+            top_p, top_i = probs.topk(k, dim=1)
+            for row, i in enumerate(idx):
+                ranked = zip(top_i[row].tolist(), top_p[row].tolist(), strict=True)
+                pairs = [(names[c], f"{p:.6f}") for c, p in ranked]
+                writer.writerow([files[i], *pairs[0], *[v for pair in pairs for v in pair]])
+                counts[pairs[0][0]] += 1
+                written += 1
     seconds = time.perf_counter() - started
     warn_unreadable(bad)
     if not written:

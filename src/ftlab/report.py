@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 import yaml
 
 from ftlab.errors import UserError
+from ftlab.fileio import atomic_open, write_text
+from ftlab.report_plot import plot_summary
 from ftlab.runs import RunRecord, differing_keys, load_runs
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
@@ -157,12 +158,6 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_summary(
     roots: Path | Sequence[Path], out_dir: Path | None = None, title: str | None = None
 ) -> tuple[list[Row], str]:
@@ -191,17 +186,12 @@ def write_summary(
         result = yaml.safe_load(optuna.read_text()) or {}
         text += (f"- Optuna best (optimization_results.yaml): value {result.get('best_value')}, "
                  f"params {result.get('best_params')}\n")
-    _atomic_write(out_dir / "summary.md", text)
+    write_text(out_dir / "summary.md", text)
 
-    tmp = out_dir / f".summary.csv.{os.getpid()}.tmp"
-    with tmp.open("w", newline="") as fh:
+    with atomic_open(out_dir / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()
         writer.writerows(csv_rows(rows))
-    os.replace(tmp, out_dir / "summary.csv")
-
-    from ftlab.report_plot import plot_summary
-
     plot_summary(rows, out_dir / "summary.png", title)
     return rows, text
 

@@ -7,9 +7,10 @@ safe inside a training process.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ftlab.fileio import atomic_open
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -145,6 +146,5 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
     fig.canvas.draw()  # settle the layout, then freeze it so label positions stay where they were checked
     fig.set_layout_engine("none")
     _place_labels(left, points)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # concurrent jobs may rebuild it at once
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as handle:  # concurrent jobs may rebuild it at once
+        fig.savefig(handle, format="png", dpi=110)

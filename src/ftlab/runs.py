@@ -1,4 +1,4 @@
-"""Find run directories under a folder and read what each one left behind (metrics, overrides, errors).
+"""Run directories: find them, read what each one left behind (metrics, overrides, errors, config).
 
 A run directory is a folder holding ``metrics.json`` or Hydra's ``.hydra/``. A run that crashed or was
 killed has ``.hydra/`` but no ``metrics.json``; it is kept (status ``failed``/``incomplete``) so a
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ftlab.errors import UserError
 
 # Written by the sweep callback when a job raises: the exception, one line.
 ERROR_FILE = "error.txt"
@@ -118,3 +121,39 @@ def differing_keys(runs: list[RunRecord]) -> list[str]:
             keys.setdefault(key, None)
     dicts = [run.override_dict() for run in runs]
     return [k for k in keys if len({d.get(k) for d in dicts}) > 1]
+
+
+# -- one run directory: where it is, its config, its data ------------------------------------------
+def find_run_dir(path: Path) -> Path | None:
+    """The run directory ``path`` is, or holds ``path`` (beside the artifacts or in ``checkpoints/``)."""
+    home = path if path.is_dir() else path.parent
+    if not path.is_dir() and home.name == "checkpoints":
+        home = home.parent
+    return home if (home / ".hydra" / "config.yaml").is_file() else None
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The run's composed config, with paths pinned so it resolves outside Hydra."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    # ${cwd:} in paths.root_dir means the training process's directory, which hydra.yaml recorded.
+    cwd = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    with open_dict(cfg):
+        if "paths" in cfg:
+            cfg.paths.root_dir = cwd or os.getcwd()
+            cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def run_data_root(run_dir: Path, cfg: DictConfig) -> str:
+    """Where the run's data was: metrics.json records the resolved path; the config is the fallback."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        data = json.loads(metrics.read_text()).get("data")
+        if data:
+            return str(data)
+    try:
+        return str(OmegaConf.select(cfg, "data.root", throw_on_missing=True))
+    except Exception as exc:
+        raise UserError(f"{run_dir}: cannot tell where the run's data is ({exc}); pass data.root=DIR") \
+            from None

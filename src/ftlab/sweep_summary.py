@@ -19,15 +19,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ftlab.errors import user_message
+from ftlab.report import SELECT_METRIC, best_row, write_summary
 from ftlab.runs import ERROR_FILE
 
-log = logging.getLogger("ftlab.sweep")
+log = logging.getLogger(__name__)
 
 
 def _describe(exc: BaseException) -> str:
-    from ftlab.train import _user_error
-
-    message = _user_error(exc) or f"{type(exc).__name__}: {exc}"
+    message = user_message(exc) or f"{type(exc).__name__}: {exc}"
     return " ".join(message.split())  # one line
 
 
@@ -54,8 +54,6 @@ class SweepSummary(Callback):
 
     @staticmethod
     def _write(sweep_dir: Path, final: bool) -> None:
-        from ftlab.report import SELECT_METRIC, best_row, write_summary
-
         try:
             rows, text = write_summary(sweep_dir, title=f"ftlab sweep {sweep_dir.name}")
         except Exception as exc:  # a summary must never turn a finished sweep into a failure

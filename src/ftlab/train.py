@@ -1,18 +1,17 @@
-"""`python -m ftlab`: compose the configs, fine-tune, test, write metrics.json."""
+"""Build one configuration (data, model, Trainer), fit it, test it, write ``metrics.json``.
+
+The library side of ``python -m ftlab``; the command line itself is :mod:`ftlab.entry`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -20,73 +19,25 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from ftlab import logs
 from ftlab.artifacts import write_artifacts
 from ftlab.callbacks import NonFiniteGuard
-from ftlab.checkpoints import AtomicCheckpointIO, check_checkpoint
+from ftlab.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from ftlab.data import feature_cache
 from ftlab.distributed import is_sharded, trainer_adjustments, unsharded_copy
-from ftlab.errors import UserError
+from ftlab.errors import RunInterrupted
+from ftlab.fileio import write_json
 from ftlab.module import ClassifierModule
 from ftlab.speed import SPEED_KEYS, apply_speed_options, keep_determinism_cheap
 from ftlab.tb_hparams import log_hparams
 from ftlab.validate import validate
 
-log = logging.getLogger("ftlab")
-
-# ${cwd:} works before Hydra is initialised (the multirun sweep dir is resolved that early).
-OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
-
-# conf/ sits at the repository root beside src/ (editable installs and checkouts).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def compose_config(overrides: Sequence[str], run_dir: str | Path, root_dir: str | Path | None = None) -> DictConfig:
-    """The shipped config with ``overrides``, composed as ``python -m ftlab`` does, writing into ``run_dir``.
-
-    For programs that call :func:`run`/:func:`build` without the CLI (tests, benchmarks, notebooks).
-    ``root_dir`` replaces the working directory under which ``data/`` and ``outputs/`` resolve.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    run_dir = Path(run_dir)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        if root_dir is not None:
-            cfg.paths.root_dir = str(root_dir)
-        cfg.paths.output_dir = str(run_dir)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+log = logging.getLogger(__name__)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically so a crash never leaves a truncated metrics file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
-    if not ckpt_path:
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if not path.is_file():
-        hint = " (resume inside the run's directory: add hydra.run.dir=<run dir>)" if ckpt_path == "last" else ""
-        raise UserError(f"ckpt_path={ckpt_path}: {path} does not exist{hint}")
-    check_checkpoint(path)  # refuse pickled code with a clear message before Lightning loads it
-    return str(path)
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -139,16 +90,30 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     # Before any work: a missing or unsafe resume checkpoint is reported at once.
-    ckpt_path = _resolve_ckpt(cfg.ckpt_path, output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     datamodule, model, trainer = build(cfg, extra_callbacks)
     classes = datamodule.classes
+    method = _method_name(model)
+    if trainer.is_global_zero:
+        counts = model.parameter_counts()
+        sizes = datamodule.split_sizes()
+        log.info("ftlab: %s on %s, %s of %s parameters train; data %s (train/val/test %s/%s/%s); run dir %s",
+                 method, cfg.model.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+                 datamodule.root, sizes["train"], sizes["val"], sizes["test"], output_dir)
+        logs.file_only("config:\n" + OmegaConf.to_yaml(cfg, resolve=False))
 
     started = time.perf_counter()
     # weights_only=True explicitly: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        # Lightning answers Ctrl-C by shutting down and calling sys.exit(1).
+        if trainer.interrupted:
+            raise RunInterrupted(str(output_dir)) from None
+        raise
     fit_seconds = time.perf_counter() - started
     if trainer.interrupted:
-        raise UserError("training was interrupted; resume with ckpt_path=last hydra.run.dir=" + str(output_dir))
+        raise RunInterrupted(str(output_dir))
     fit_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
 
     test_metrics: dict[str, Any] = {}
@@ -168,9 +133,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         if source is not None:
             artifacts = write_artifacts(source, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
 
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     metrics: dict[str, Any] = {
-        "method": hydra_cfg.runtime.choices.get("method") if hydra_cfg else type(model).method,
+        "method": method,
         "model": cfg.model.name,
         "data": str(datamodule.root),
         "num_classes": len(classes),
@@ -192,91 +156,46 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     }
     metrics["params_trainable_pct"] = round(100.0 * metrics["params_trainable"] / metrics["params_total"], 4)
     if trainer.is_global_zero:
-        _write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", metrics)
         # One HParams session per run in TensorBoard, with the final numbers.
         log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
         print_summary(metrics)
     return metrics
 
 
+def _method_name(model: ClassifierModule) -> str:
+    """The ``method=`` choice of this run (its config name), else the strategy class's own name."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("method")
+        if choice:
+            return str(choice)
+    return type(model).method
+
+
+SUMMARY_KEYS = ("data", "num_classes", "params_total", "params_trainable", "params_trainable_pct", "val/acc_best",
+                "test/acc", "test/f1", "test/acc_top5", "artifact", "artifact_bytes", "fit_seconds", "peak_rss_mb",
+                "epochs")
+
+
 def print_summary(metrics: dict[str, Any]) -> None:
+    """The run's result as a table, then the whole run directory on a line of its own (to copy)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ftlab: {metrics['method']} on {metrics['model']}", show_header=False)
-    for key in (
-        "data", "num_classes", "params_total", "params_trainable", "params_trainable_pct",
-        "val/acc_best", "test/acc", "test/f1", "test/acc_top5", "artifact", "artifact_bytes", "fit_seconds", "peak_rss_mb", "epochs", "output_dir",
-    ):
-        if metrics.get(key) is not None:
-            value = metrics[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key not in ("fit_seconds", "peak_rss_mb") else str(value))
+    rows = []
+    for key in SUMMARY_KEYS:
+        value = metrics.get(key)
+        if value is not None:
+            plain = isinstance(value, float) and key not in ("fit_seconds", "peak_rss_mb")
+            rows.append((key, f"{value:.4f}" if plain else str(value)))
     if metrics.get("test_on_val"):
-        table.add_row("note", "no test/ split: test metrics are on the validation split")
-    Console(stderr=False).print(table)
-
-
-def _user_error(exc: BaseException) -> str | None:
-    """The one-line message for a user mistake anywhere in the exception chain, else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, UserError):
-            return str(exc)
-        if isinstance(exc, MissingMandatoryValue):
-            key = getattr(exc, "full_key", "") or ""
-            return f"{key}: a value is required (set it on the command line, e.g. {key}=...)"
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def check_group_choices(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """Name an unknown ``group=option`` (e.g. ``method=lorra``) in one line, with the closest options."""
-    from ftlab.errors import suggest
-
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        group_dir = Path(config_dir) / key
-        # hydra/... groups also get options from plugins (hydra/launcher=submitit_slurm): Hydra checks those.
-        if not sep or "." in key or not group_dir.is_dir() or key == "hydra" or key.startswith("hydra/"):
-            continue
-        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-        for choice in value.split(","):
-            if choice and choice != "null" and choice not in options and not choice.startswith(("range(", "choice(", "interval(")):
-                raise UserError(f"{key}={choice}: no such option. Options: {', '.join(options)}.{suggest(choice, options)}")
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        if cfg.data.get("folds") and cfg.data.get("fold") is None:
-            from ftlab.crossval import run_folds
-
-            metrics = run_folds(cfg)  # the mean over folds is what sweepers see
-        else:
-            metrics = run(cfg)
-    except Exception as exc:
-        message = _user_error(exc)
-        if message is None:
-            raise
-        print(f"ftlab: error: {message}", file=sys.stderr)
-        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-            raise UserError(message) from None
-        sys.exit(1)
-    value = metrics.get(cfg.optimized_metric)
-    return float(value) if value is not None else None
-
-
-def main() -> float | None:
-    """Console entry point: ``python -m ftlab [overrides]``."""
-    try:
-        check_group_choices(sys.argv[1:])
-    except UserError as exc:
-        print(f"ftlab: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    return _hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+        rows.append(("note", "no test/ split: test metrics are on the validation split"))
+    table = Table(title=f"ftlab: {metrics['method']} on {metrics['model']}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    console = Console(stderr=False)
+    console.print(table)
+    console.print(f"run directory: {metrics['output_dir']}", soft_wrap=True, highlight=False)
+    logs.file_only("summary:\n" + "\n".join(f"  {k}: {v}" for k, v in rows) + f"\n  output_dir: {metrics['output_dir']}")

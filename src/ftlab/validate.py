@@ -1,38 +1,57 @@
-"""Impossible values fail before any work starts, one line each, naming the key."""
+"""Impossible values fail before any work starts, one line each, naming the key.
+
+:data:`CHECKS` covers the keys every run has (seed, trainer, callbacks). The keys of a method or a data
+source are checked by their own class: ``config_checks`` on the ``model._target_`` / ``data._target_``
+class (``ftlab.methods.LoRA.config_checks`` ...), written with the helpers here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ftlab.errors import UserError
 
 
-def _number(v: Any) -> bool:
+def number(v: Any) -> bool:
     # bool is an int in Python, but `model.lr=true` is a mistake, not 1.0.
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _integer(v: Any) -> bool:
+def integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
+# (predicate, what the value must be)
+Check = tuple[Callable[[Any], bool], str]
+
+
+def one_of(*choices: Any) -> Check:
     return (lambda v: v in choices, "one of " + ", ".join(str(c) for c in choices))
 
 
+BOOLEAN: Check = (lambda v: isinstance(v, bool), "true or false")
+POSITIVE_INT: Check = (lambda v: integer(v) and v > 0, "a positive integer")
+NON_NEGATIVE_INT: Check = (lambda v: integer(v) and v >= 0, "an integer >= 0")
+POSITIVE: Check = (lambda v: number(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Check = (lambda v: number(v) and v >= 0, "a number >= 0")
+FRACTION: Check = (lambda v: number(v) and 0 <= v < 1, "in [0, 1)")
+WORKERS: Check = (lambda v: v == "auto" or (integer(v) and v >= 0), "auto or an integer >= 0")
+
+
 def _batches_limit(v: Any) -> bool:
-    return v is None or (_integer(v) and v >= 0) or (_number(v) and 0.0 <= v <= 1.0)
+    return v is None or (integer(v) and v >= 0) or (number(v) and 0.0 <= v <= 1.0)
 
 
 def _devices(v: Any) -> bool:
-    if v == "auto" or (_integer(v) and (v > 0 or v == -1)):
+    if v == "auto" or (integer(v) and (v > 0 or v == -1)):
         return True
     if isinstance(v, str):  # "0,1" or "2"
         return all(part.strip().isdigit() for part in v.split(",") if part.strip())
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_integer(i) and i >= 0 for i in v)
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(integer(i) and i >= 0 for i in v)
 
 
 # Lightning's precision names (a typo otherwise surfaces as a traceback from deep inside the Trainer).
@@ -40,52 +59,19 @@ PRECISIONS = ("32-true", "32", 32, "16-mixed", "bf16-mixed", "16-true", "bf16-tr
               "16", 16, "bf16", "transformer-engine", "transformer-engine-float16")
 
 # key -> (check, what it must be). A key the chosen method/data/callbacks lack is skipped.
-CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_integer, "an integer"),
-    "model.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "model.backbone_lr_mult": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "model.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "model.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    "model.warmup_ratio": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    "model.freeze_norm_stats": (lambda v: isinstance(v, bool), "true or false"),
-    # LoRA / DoRA
-    "model.rank": (lambda v: _integer(v) and v > 0, "a positive integer"),
-    "model.alpha": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "model.dropout": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    "model.init": _one_of("kaiming", "gaussian", "pissa"),
-    "model.rslora": (lambda v: isinstance(v, bool), "true or false"),
-    # partial / gradual
-    "model.unfreeze_last": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "model.freeze_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    "model.epochs_per_stage": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "model.unfreeze": _one_of("all", "stages"),
-    # data
-    "data.batch_size": (lambda v: _integer(v) and v > 0, "a positive integer"),
-    "data.val_fraction": (lambda v: _number(v) and 0 < v < 1, "in (0, 1)"),
-    "data.image_size": (lambda v: v is None or (_integer(v) and v >= 8), "null or an integer >= 8"),
-    "data.crop_pct": (lambda v: v is None or (_number(v) and 0 < v <= 1), "null or in (0, 1]"),
-    "data.crop_scale": (
-        lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1] <= 1,
-        "[min, max] with 0 < min <= max <= 1",
-    ),
-    "data.num_workers": (lambda v: v == "auto" or (_integer(v) and v >= 0), "auto or an integer >= 0"),
-    "data.augment": _one_of("none", "basic", "strong"),
-    "data.hflip": (lambda v: isinstance(v, bool), "true or false"),
-    "data.check_images": (lambda v: isinstance(v, bool), "true or false"),
-    "data.on_bad_image": _one_of("error", "skip"),
-    "data.cache": (lambda v: isinstance(v, bool), "true or false"),
-    "data.cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+CHECKS: dict[str, Check] = {
+    "seed": (integer, "an integer"),
     # trainer
-    "trainer.max_epochs": (lambda v: v is None or (_integer(v) and (v == -1 or v > 0)), "> 0 (or -1)"),
-    "trainer.min_epochs": (lambda v: v is None or (_integer(v) and v >= 0), "null or an integer >= 0"),
-    "trainer.accumulate_grad_batches": (lambda v: _integer(v) and v > 0, "a positive integer"),
-    "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0"),
+    "trainer.max_epochs": (lambda v: v is None or (integer(v) and (v == -1 or v > 0)), "> 0 (or -1)"),
+    "trainer.min_epochs": (lambda v: v is None or (integer(v) and v >= 0), "null or an integer >= 0"),
+    "trainer.accumulate_grad_batches": (lambda v: integer(v) and v > 0, "a positive integer"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (number(v) and v >= 0), "null or a number >= 0"),
     "trainer.devices": (_devices, "auto, a positive integer, -1, or a list of device indices"),
-    "trainer.num_nodes": (lambda v: _integer(v) and v > 0, "a positive integer"),
+    "trainer.num_nodes": (lambda v: integer(v) and v > 0, "a positive integer"),
     "trainer.precision": (lambda v: v in PRECISIONS,
                           "one of 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true"),
-    "trainer.log_every_n_steps": (lambda v: _integer(v) and v > 0, "a positive integer"),
-    "trainer.check_val_every_n_epoch": (lambda v: v is None or (_integer(v) and v > 0),
+    "trainer.log_every_n_steps": (lambda v: integer(v) and v > 0, "a positive integer"),
+    "trainer.check_val_every_n_epoch": (lambda v: v is None or (integer(v) and v > 0),
                                         "null or a positive integer"),
     "trainer.limit_train_batches": (_batches_limit, "null, an integer >= 0 or a fraction in [0, 1]"),
     "trainer.limit_val_batches": (_batches_limit, "null, an integer >= 0 or a fraction in [0, 1]"),
@@ -95,15 +81,29 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
     "trainer.channels_last": (lambda v: isinstance(v, bool), "true or false"),
     # callbacks
-    "callbacks.step_checkpoint.every_n_steps": (lambda v: v is None or (_integer(v) and v >= 0),
+    "callbacks.step_checkpoint.every_n_steps": (lambda v: v is None or (integer(v) and v >= 0),
                                                 "null or an integer >= 0 (0: off)"),
-    "callbacks.early_stopping.patience": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "callbacks.early_stopping.patience": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
 }
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`UserError` for the first key whose value is impossible."""
-    for key, (ok, expected) in CHECKS.items():
+    check_keys(cfg, CHECKS)
+    for node in ("model", "data"):
+        target = OmegaConf.select(cfg, f"{node}._target_", default=None)
+        if not target:
+            continue
+        try:
+            cls = get_class(str(target))
+        except Exception as exc:
+            raise UserError(f"{node}._target_={target}: cannot import it ({type(exc).__name__})") from None
+        check_keys(cfg, {f"{node}.{key}": check for key, check in getattr(cls, "config_checks", {}).items()})
+
+
+def check_keys(cfg: DictConfig, checks: dict[str, Check]) -> None:
+    """Apply ``checks`` (full key -> check); a key the config lacks is skipped."""
+    for key, (ok, expected) in checks.items():
         value = OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False)
         if isinstance(value, str) and value == "__absent__":
             continue

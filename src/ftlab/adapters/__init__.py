@@ -41,6 +41,7 @@ from ftlab.adapters.lora import LoRALayer, apply_lora
 from ftlab.adapters.merge import merge_adapters
 from ftlab.adapters.ssf import SSFLayer, SSFNorm, apply_ssf
 from ftlab.adapters.state import (
+    CONFIG_KEY,
     adapter_config,
     adapter_state_dict,
     apply_adapter_config,
@@ -52,6 +53,7 @@ from ftlab.adapters.state import (
 )
 
 __all__ = [
+    "CONFIG_KEY",
     "AdapterLayer",
     "LoRALayer",
     "SSFLayer",

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data.resumable import ResumableLoader
+from ftlab.distributed import is_sharded
 from ftlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ def why_not(datamodule: Any, model: Any, trainer: L.Trainer | None = None) -> st
         return (f"backbone layers are random while training ({_listing(random)}), "
                 "so the features differ every epoch; use a backbone without them")
     if trainer is not None:
-        from ftlab.distributed import is_sharded
-
         if is_sharded(trainer):
             return "FSDP shards the backbone, and cached features need it whole; use trainer=gpu or trainer=ddp"
     return None

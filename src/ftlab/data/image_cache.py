@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ftlab.data.imagefolder import ImageListDataset, Sample, load_rgb
+from ftlab.data.images import ImageListDataset, Sample, load_rgb
 from ftlab.data.transforms import eval_geometry, to_normalized_tensor
 from ftlab.errors import UserError
 

@@ -3,90 +3,27 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
-import torch
-from PIL import Image, ImageOps
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torch.utils.data import DataLoader
 
+from ftlab.data.digits import materialize_digits
 from ftlab.data.feature_cache import FeatureCache, check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
+from ftlab.data.image_cache import cached_datasets
 from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
+from ftlab.data.images import ImageListDataset, Sample, list_classes, scan_split
 from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
 from ftlab.data.transforms import AUGMENT_PRESETS, eval_transform, train_transform
+from ftlab.data.workers import CAN_FORK, resolve_workers
 from ftlab.errors import UserError
+from ftlab.validate import BOOLEAN, POSITIVE_INT, WORKERS, Check, integer, number, one_of
 
 log = logging.getLogger(__name__)
-
-Sample = tuple[str, int]
-_CAN_FORK = sys.platform.startswith("linux")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open any PIL-readable image upright (EXIF orientation applied) as RGB."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("P", "LA", "PA") or (img.mode == "RGBA"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(background, img)
-        elif img.mode.startswith("I") or img.mode == "F":
-            # 16-bit / float grayscale: rescale to 8 bits instead of clipping.
-            img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
-        return img.convert("RGB")
-
-
-class ImageListDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Any = None) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        img = load_rgb(path)
-        return (self.transform(img) if self.transform else img), label
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def list_classes(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def scan_split(split_dir: Path, class_to_idx: dict[str, int]) -> list[Sample]:
-    """All images under ``split_dir/<class>/``; a class unknown to train or with no images is an error."""
-    samples: list[Sample] = []
-    for cls in list_classes(split_dir):
-        if cls not in class_to_idx:
-            raise UserError(f"{split_dir / cls}: class '{cls}' is not in the train split")
-        files = sorted(
-            os.path.join(dp, f)
-            for dp, _, fs in os.walk(split_dir / cls, followlinks=True)
-            for f in fs
-            if _is_image(f)
-        )
-        if not files:
-            raise UserError(f"{split_dir / cls}: class folder has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-        samples += [(f, class_to_idx[cls]) for f in files]
-    return samples
-
-
-def check_images(samples: Sequence[Sample]) -> None:
-    """Fail before training, naming the file, if an image cannot be decoded (see ftlab.data.image_check)."""
-    screen(samples, "error")
-
 
 class ImageFolderDataModule(L.LightningDataModule):
     """Train/val/test loaders over an ImageFolder tree.
@@ -95,6 +32,23 @@ class ImageFolderDataModule(L.LightningDataModule):
     test stage uses val, and says so. Eval preprocessing comes from the backbone
     (:meth:`set_preprocessing`); ``image_size``/``crop_pct`` override it.
     """
+
+    # data.<key> -> check, applied before any work (ftlab.validate).
+    config_checks: ClassVar[dict[str, Check]] = {
+        "batch_size": POSITIVE_INT,
+        "val_fraction": (lambda v: number(v) and 0 < v < 1, "in (0, 1)"),
+        "image_size": (lambda v: v is None or (integer(v) and v >= 8), "null or an integer >= 8"),
+        "crop_pct": (lambda v: v is None or (number(v) and 0 < v <= 1), "null or in (0, 1]"),
+        "crop_scale": (lambda v: len(v) == 2 and all(number(x) for x in v) and 0 < v[0] <= v[1] <= 1,
+                       "[min, max] with 0 < min <= max <= 1"),
+        "num_workers": WORKERS,
+        "augment": one_of(*AUGMENT_PRESETS),
+        "hflip": BOOLEAN,
+        "check_images": BOOLEAN,
+        "on_bad_image": one_of(*BAD_IMAGE_POLICIES),
+        "cache": BOOLEAN,
+        "cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    }
 
     def __init__(
         self,
@@ -128,7 +82,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.num_workers = self._resolve_workers(num_workers)
+        self.num_workers = resolve_workers(num_workers)
         self.image_size = image_size
         self.crop_pct = crop_pct
         self.augment = augment
@@ -152,13 +106,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.test_on_val = False
         self._splits: dict[str, list[Sample]] = {}
         self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch restart
-
-    @staticmethod
-    def _resolve_workers(n: int | str) -> int:
-        if n == "auto":
-            # Leave a core for the training process; small machines gain nothing from more.
-            return max(1, min(8, (os.cpu_count() or 2) - 1))
-        return int(n)
 
     # -- discovery -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -262,8 +209,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.discover()
         train_tf, eval_tf = self._transforms()
         if self.cache:
-            from ftlab.data.image_cache import cached_datasets
-
             # One copy per process of this machine (DDP ranks each build theirs): the memory check counts all.
             local = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
             transforms = {"train": train_tf, "val": eval_tf, "test": eval_tf}
@@ -305,7 +250,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             # Forked workers share data.cache's buffer copy-on-write; spawn/forkserver (the default from
             # Python 3.14) would pickle a copy of it into every worker.
-            multiprocessing_context="fork" if self.cache and self.num_workers > 0 and _CAN_FORK else None,
+            multiprocessing_context="fork" if self.cache and self.num_workers > 0 and CAN_FORK else None,
             pin_memory=on_gpu,
             drop_last=False,
         )
@@ -331,8 +276,6 @@ class DigitsDataModule(ImageFolderDataModule):
     """scikit-learn's 1,797 handwritten digit scans, written once as PNGs under ``root``."""
 
     def prepare_data(self) -> None:
-        from ftlab.data.digits import materialize_digits
-
         materialize_digits(self.root)
 
     def discover(self) -> list[str]:

@@ -6,17 +6,29 @@ trains exactly the parameters the interrupted one would have (no callback state 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ftlab.errors import UserError
 from ftlab.methods.groups import backbone_groups, head_names, set_trainable
 from ftlab.module import ClassifierModule
+from ftlab.validate import NON_NEGATIVE_INT, POSITIVE_INT, Check, one_of
+
+# model.unfreeze: the whole backbone at once, or one block per epochs_per_stage from the output end.
+UNFREEZE = ("all", "stages")
 
 
 class GradualUnfreezing(ClassifierModule):
     method = "gradual"
+    config_checks: ClassVar[dict[str, Check]] = {
+        **ClassifierModule.config_checks,
+        "freeze_epochs": NON_NEGATIVE_INT,
+        "epochs_per_stage": POSITIVE_INT,
+        "unfreeze": one_of(*UNFREEZE),
+    }
 
     def configure_trainable(self, freeze_epochs: int = 1, unfreeze: str = "all", epochs_per_stage: int = 1) -> None:
-        if unfreeze not in ("all", "stages"):
-            raise UserError(f"model.unfreeze={unfreeze!r}: choose 'all' or 'stages'")
+        if unfreeze not in UNFREEZE:
+            raise UserError(f"model.unfreeze={unfreeze!r}: choose {' or '.join(UNFREEZE)}")
         if freeze_epochs < 0 or epochs_per_stage < 1:
             raise UserError("model.freeze_epochs must be >= 0 and model.epochs_per_stage >= 1")
         self.groups = backbone_groups(self.net, self.head_name)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from ftlab.adapters import apply_lora, mark_trainable
+from ftlab.adapters.lora import INITS
 from ftlab.methods.adapted import AdaptedModule
+from ftlab.validate import BOOLEAN, FRACTION, POSITIVE, POSITIVE_INT, Check, one_of
 
 
 class LoRA(AdaptedModule):
     method = "lora"
     dora = False
+    config_checks: ClassVar[dict[str, Check]] = {
+        **AdaptedModule.config_checks,
+        "rank": POSITIVE_INT,
+        "alpha": POSITIVE,
+        "dropout": FRACTION,
+        "init": one_of(*INITS),
+        "rslora": BOOLEAN,
+    }
 
     def configure_trainable(
         self,

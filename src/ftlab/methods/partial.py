@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from ftlab.errors import UserError
 from ftlab.methods.groups import backbone_groups, head_names, parameters_matching, set_trainable
 from ftlab.module import ClassifierModule
+from ftlab.validate import NON_NEGATIVE_INT, Check
 
 
 class PartialFineTuning(ClassifierModule):
     method = "partial"
+    config_checks: ClassVar[dict[str, Check]] = {**ClassifierModule.config_checks, "unfreeze_last": NON_NEGATIVE_INT}
 
     def configure_trainable(self, unfreeze_last: int = 2, trainable: str | Sequence[str] | None = None) -> None:
         if trainable:

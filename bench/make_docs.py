@@ -1,0 +1,231 @@
+"""Render docs/performance.md from the benchmark results (``bench/results/<name>.json``).
+
+The prose (what each benchmark measures and why) lives in the template below; every figure comes from
+the JSON the scripts wrote. ``bench/run_all.py`` calls this at the end of a full run (every benchmark,
+not ``--tiny``, none failed). By hand::
+
+    python bench/make_docs.py                       # bench/results -> docs/performance.md
+    python bench/make_docs.py --results DIR --out FILE
+    python bench/make_docs.py --check               # exit 1 if docs/performance.md is out of date
+
+Results of a ``--tiny`` run measure nothing and are reported as "no measurement recorded".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_RESULTS = HERE / "results"
+DEFAULT_DOC = REPO / "docs" / "performance.md"
+
+# Order, titles and prose of the sections; a result whose name is not here is rendered after them.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "overhead": ("Framework overhead", """\
+`bench/overhead.py`: the default experiment's model, optimizer groups, warmup-cosine schedule and
+gradient clipping, trained on the same 640 pre-transformed digits held in memory, by ftlab (Lightning
+Trainer, ftlab's DataModule loaders, rich progress bar, TensorBoard and learning-rate logging, metrics,
+the NaN guard, step checkpoints) and by a hand-written PyTorch loop. Only training batches are timed;
+the first epoch of each side is warm-up, and the two sides alternate, twice. The ratio is what ftlab's
+bookkeeping costs per step."""),
+    "lora_vs_full": ("LoRA vs full", """\
+`bench/lora_vs_full.py`: the training step (forward, loss, backward, AdamW) of `method=lora` and
+`method=full`, built in one process and alternating on the same random 224-px batch, on
+EfficientNet-Lite0 and resnet50 with their shipped LoRA targets and random weights (weights do not
+change the cost). Peak memory: each (backbone, method) trains two steps in a fresh child process; the
+figure is the child's peak resident memory, and the detail splits off its growth over the built model
+(activations, gradients, optimizer state).
+
+Where the adapters sit decides the step time. The frozen weights skip their gradients, but backward
+still runs down to the first adapted layer, and in a CNN most of the compute is in the 112- and 56-px
+layers near the stem. The shipped targets therefore start at block 2 (EfficientNet-Lite0) and stage 2
+(`model=resnet50`), so backward stops there; with adapters on every layer, stem included, a LoRA step
+costs as much as full fine-tuning ([methods.md](methods.md#where-the-adapters-go))."""),
+    "adapter_inference": ("Adapter inference", """\
+`bench/adapter_inference.py`: the plain default backbone and LoRA, DoRA and SSF models of it (adapters
+set to non-zero values so no branch can be skipped), each also merged, timed in eval mode without
+gradients, batch 1 (latency) at 224 px, all variants alternating. A merged model is the plain
+architecture, so its ratio is 1 up to noise; the unmerged rows show what the extra branches cost at
+inference. Deploy merged: `merge=true`, or `ftlab export` ([after-training.md](after-training.md#export))."""),
+    "feature_cache": ("Feature cache", """\
+`bench/feature_cache.py`: `method=linear` on the digits (EfficientNet-Lite0 at 64 px, batch 32), 4
+epochs, with `data.cache_features=false` and `auto` alternating, two runs each, built and trained as
+`python -m ftlab` does, then tested on the best checkpoint. An epoch is timed with its validation and
+the checkpoints written after it; the cached run's one-off feature pass before the first epoch is
+reported apart.
+
+A cached epoch no longer runs the backbone at all: what is left is Lightning's loop over its 40 steps
+(optimizer step, logging, metric and checkpoint hooks) and the two 13.7 MB checkpoints (best and last)
+every epoch writes so a run can resume. That fixed cost bounds the speed-up, so the ratio moves with the
+noise of the uncached epoch. Test accuracy must not change ([data.md](data.md#frozen-backbone-feature-cache))."""),
+    "data_pipeline": ("Data pipeline", """\
+`bench/data_pipeline.py`: the train loader's images/s (decode and transform, a full epoch per timed
+call, persistent workers already started, `data.num_workers=auto`: one worker on 2 cores) at 64 px
+(`data.augment=none`, the digits default, and `basic`) and 224 px, against the images/s the default
+LoRA step consumes, all alternating; and the speed-up of `data.cache=true`, whose one-off decode is
+reported apart. A loader/model ratio above 1 means the model is the bottleneck: `data.cache=true` then
+does not shorten training; it pays off where reading or decoding is slow
+([data.md](data.md#in-memory-image-cache))."""),
+    "default_run": ("The default experiment", """\
+`bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults) timed from
+start to exit in a child process; then the same configuration under Lightning's SimpleProfiler, its
+per-hook durations grouped into data loading, forward (training_step: forward, loss, metrics),
+backward, optimizer (step, gradient clipping, zero_grad, scheduler), validation, checkpoint writing,
+and the rest (setup, callbacks, progress bar, loggers). Profile your own runs with
+`trainer.profiler=simple` (or `advanced`, `pytorch`)."""),
+    "speed_options": ("Speed options", """\
+`bench/speed_options.py`: `trainer.channels_last=true` (NHWC conv weights and inputs) and
+`trainer.compile=true` (`torch.compile` of the network in place: checkpoint keys and artifacts
+unchanged) are off by default. Each is built through ftlab's own `build`, and its training step on the
+default experiment's model (64 px, batch 32) alternates with eager NCHW; compilation happens in the
+warm-up and is reported apart, since a run pays it once. Compiling needs a C compiler on CPU."""),
+}
+
+HEADER = """\
+<!-- Generated by bench/make_docs.py from {results}/*.json. Edit the template in bench/make_docs.py,
+not this file. -->
+
+# Performance
+
+`make bench` runs the benchmark suite in `bench/` (about 9 minutes on 2 CPU cores) and prints a table
+of measured ratios beside their targets; each script also runs alone (`python bench/overhead.py`).
+The results land in `bench/results/<name>.json` plus `summary.md`, and
+`make bench ARGS="--only overhead,lora_vs_full"` picks some. Every ratio is measured side by side in
+one run (both sides alternating), because absolute times on a shared machine drift. `make test` runs
+each script once at toy sizes (`--tiny`), which checks that it works but measures nothing.
+
+This page is generated from those results: a full `make bench` (every benchmark, not `--tiny`, none
+failed) rewrites it at the end; `python bench/make_docs.py` rewrites it from whatever
+`bench/results/` holds.
+
+## Results
+
+"""
+
+FOOTER = """\
+## Found on the way
+
+Lightning's `trainer.deterministic` (on, as `warn`, for reproducible runs) also makes torch fill every
+new tensor with NaN, to catch ops that read uninitialised memory. ftlab's ops do not, so it only cost
+time. ftlab turns that fill off (`ftlab.speed.keep_determinism_cheap`); seeded runs are still
+bit-for-bit repeatable (tested).
+"""
+
+NO_MEASUREMENT = "No measurement recorded."
+
+
+def is_tiny(result: dict[str, Any]) -> bool:
+    """Whether ``result`` comes from a ``--tiny`` run: its targeted rows are not judged (``met`` null),
+    or it ran the tiny test network / toy sizes."""
+    rows = result.get("rows") or []
+    if any(r.get("target") and r.get("met") is None for r in rows):
+        return True
+    return "test_resnet" in json.dumps(result) or result.get("config", {}).get("sizes") == [32]
+
+
+def load_results(results_dir: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Measured results by name, and the names of toy (``--tiny``) results that were left out."""
+    measured, tiny = {}, []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"make_docs: {path}: not a results file ({exc})") from None
+        name = result.get("name", path.stem)
+        if not isinstance(result.get("rows"), list):
+            raise SystemExit(f"make_docs: {path}: no 'rows'")
+        if is_tiny(result):
+            tiny.append(name)
+        else:
+            measured[name] = result
+    return measured, tiny
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| benchmark | measured | target | met |", "|---|---:|---:|---|"]
+    for result in results:
+        for r in result["rows"]:
+            met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
+            lines.append(f"| {_cell(r['metric'])} | {_fmt(r['value'])} | {_cell(r['target'] or '–')} | {met} |")
+    return "\n".join(lines)
+
+
+def details(result: dict[str, Any]) -> str:
+    lines = [f"Measured ({result.get('seconds', 0):.0f} s, {result.get('threads', '?')} torch threads):", ""]
+    for r in result["rows"]:
+        target = f" (target {r['target']})" if r["target"] else ""
+        lines.append(f"- {r['metric']}: **{_fmt(r['value'])}**{target}. {r['detail']}".rstrip())
+    breakdown = result.get("config", {}).get("breakdown_seconds")
+    if breakdown:
+        total = sum(breakdown.values()) or 1.0
+        lines += ["", "| part of `fit` | seconds | share |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in breakdown.items()]
+    return "\n".join(lines)
+
+
+def render(results_dir: Path) -> str:
+    measured, tiny = load_results(results_dir)
+    try:
+        shown = results_dir.resolve().relative_to(REPO)
+    except ValueError:
+        shown = results_dir
+    names = [n for n in SECTIONS if n in measured] + sorted(n for n in measured if n not in SECTIONS)
+    parts = [HEADER.format(results=shown)]
+    if not measured:
+        parts.append(f"{NO_MEASUREMENT} `{shown}/` holds no results of a (non-`--tiny`) benchmark run"
+                     + (f" (only toy results of {', '.join(tiny)})" if tiny else "")
+                     + ". Run `make bench` to measure.\n\n")
+    else:
+        missing = [n for n in SECTIONS if n not in measured]
+        total = sum(measured[n].get("seconds", 0) for n in names) / 60
+        note = f"{len(names)} benchmark(s), {total:.1f} min of measuring in all."
+        if missing:
+            note += f" {NO_MEASUREMENT[:-1]} for: {', '.join(missing)}."
+        parts.append(summary_table([measured[n] for n in names]) + "\n\n" + note + "\n\n")
+    for name, (title, prose) in SECTIONS.items():
+        body = details(measured[name]) if name in measured else NO_MEASUREMENT
+        parts.append(f"## {title}\n\n{prose}\n\n{body}\n\n")
+    for name in names:
+        if name not in SECTIONS:
+            parts.append(f"## {name}\n\n{details(measured[name])}\n\n")
+    parts.append(FOOTER)
+    return "".join(parts)
+
+
+def write_doc(results_dir: Path = DEFAULT_RESULTS, out: Path = DEFAULT_DOC) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results_dir))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="directory of <name>.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DOC, help="the Markdown file to write")
+    parser.add_argument("--check", action="store_true", help="exit 1 if --out differs from what would be written")
+    args = parser.parse_args(argv)
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != render(args.results):
+            print(f"make_docs: {args.out} is out of date: run python bench/make_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    print(f"make_docs: wrote {write_doc(args.results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
