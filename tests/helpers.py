@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ftlab.config import CONFIG_DIR
@@ -38,3 +40,52 @@ def make_imagefolder(
 
 # For subprocesses started by tests: the same reason as `one_thread`.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# -- text -------------------------------------------------------------------------------------------
+WORDS = ("a an the great good fine bad awful dull movie film plot actor acting story really very not "
+         "stock market fell rose today ! . ,").split()
+POSITIVE = ["a great movie", "good acting", "a really fine film", "great story !", "very good plot",
+            "a fine actor", "the film is great", "good good film", "great acting .", "a very fine story"]
+NEGATIVE = ["a bad movie", "awful acting", "a really dull film", "bad story !", "very bad plot",
+            "a dull actor", "the film is awful", "bad bad film", "dull acting .", "a very awful story"]
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    """A random 2-layer BERT (hidden 32) with a WordPiece vocabulary of a few words, saved as a model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def labelled(n: int = 10) -> list[tuple[str, str]]:
+    rows = [(t, "pos") for t in POSITIVE[:n]] + [(t, "neg") for t in NEGATIVE[:n]]
+    return rows
+
+
+def make_textfolder(root: Path, splits: tuple[str, ...] = ("train",)) -> Path:
+    for split in splits:
+        for cls, texts in (("neg", NEGATIVE), ("pos", POSITIVE)):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, text in enumerate(texts[:6] if split == "train" else texts[6:]):
+                (folder / f"{i:02d}.txt").write_text(text + "\n", encoding="utf-8")
+    return root

@@ -67,8 +67,13 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_matches_code(compose_cfg, group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option == "imagefolder":
+    if group == "data" and option in ("imagefolder", "textfile", "textfolder"):
         overrides.append("data.root=/tmp/anything")
+    if group == "model" and option == "hf":
+        overrides.append("model.name=/tmp/anything")
+    if group == "model_method":  # <model>_<method>: a specialisation, chosen by composing that pair
+        model, method = option.split("_", 1)
+        overrides = [f"model={model}", f"method={method}"] + (["model.name=/tmp/anything"] if model == "hf" else [])
     cfg = compose_cfg(overrides)
     for key in cfg:
         if key != "hydra" and isinstance(cfg[key], DictConfig):

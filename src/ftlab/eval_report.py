@@ -1,4 +1,4 @@
-"""Test-set figures in TensorBoard: confusion matrix, per-class accuracy, the worst misclassified images.
+"""Test-set figures in TensorBoard: confusion matrix, per-class accuracy, the worst misclassified images or texts.
 
 A Lightning callback (``callbacks.eval_report`` in ``conf/callbacks/default.yaml``). It reads the
 logits the module's ``test_step`` returns, counts the confusion matrix (summed over DDP ranks) and
@@ -18,6 +18,30 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+
+def _sample(x: Any, i: int) -> Any:
+    """Sample ``i`` of a batch, on the CPU: an image tensor, or a text's real (unpadded) token ids."""
+    if isinstance(x, dict):
+        ids = x["input_ids"][i]
+        mask = x.get("attention_mask")
+        return {"input_ids": (ids[mask[i].bool()] if mask is not None else ids).detach().cpu().clone()}
+    return x[i].detach().cpu().clone()
+
+
+def _decode(tokenizer: Any, ids: torch.Tensor) -> str:
+    if tokenizer is None:
+        return " ".join(str(t) for t in ids.tolist())
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def worst_texts_markdown(rows: Sequence[tuple[str, str, str, float, float]]) -> str:
+    """A markdown table (TensorBoard's Text tab renders it) of the most confident mistakes."""
+    lines = ["| p(pred) | true (p) | predicted | text |", "|---:|---|---|---|"]
+    for text, true, pred, p_pred, p_true in rows:
+        cell = " ".join(text.split()).replace("|", "\\|")
+        lines.append(f"| {p_pred:.2f} | {true} ({p_true:.2f}) | {pred} | {cell} |")
+    return "\n".join(lines)
 
 
 def _tensorboard(trainer: L.Trainer) -> Any | None:
@@ -128,7 +152,7 @@ class EvalReport(L.Callback):
         for i in (pred != y).nonzero().flatten().tolist():
             p_pred, p_true = probs[i, pred[i]].item(), probs[i, y[i]].item()
             if len(self._worst) < self.worst_images or p_pred > self._worst[0][0]:
-                item = (p_pred, next(self._tie), x[i].detach().cpu().clone(), int(y[i]), int(pred[i]), p_true)
+                item = (p_pred, next(self._tie), _sample(x, i), int(y[i]), int(pred[i]), p_true)
                 if len(self._worst) < self.worst_images:
                     heapq.heappush(self._worst, item)
                 else:
@@ -157,10 +181,16 @@ class EvalReport(L.Callback):
             for name, value in zip(names, acc, strict=True):
                 if not math.isnan(value):
                     writer.add_scalar(f"test_per_class/acc_{name}", float(value), step)
-        if self._worst:
+        worst = sorted(self._worst, key=lambda t: -t[0])
+        if worst and isinstance(worst[0][2], dict):  # texts: a table of the decoded token ids
+            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+            rows = [(_decode(tokenizer, sample["input_ids"]), names[true], names[pred], p_pred, p_true)
+                    for p_pred, _, sample, true, pred, p_true in worst]
+            writer.add_text("test/worst_misclassified", worst_texts_markdown(rows), step)
+        elif worst:
             mean, std = self._mean_std(trainer, pl_module)
             items = []
-            for p_pred, _, img, true, pred, p_true in sorted(self._worst, key=lambda t: -t[0]):
+            for p_pred, _, img, true, pred, p_true in worst:
                 pixels = (img.float() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
                 items.append((pixels.permute(1, 2, 0).numpy(), names[true], names[pred], p_pred, p_true))
             writer.add_image("test/worst_misclassified", worst_figure(items), step, dataformats="HWC")

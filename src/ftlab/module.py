@@ -83,13 +83,17 @@ class ClassifierModule(L.LightningModule):
         targets: str | Sequence[str] | None = "auto",
         ssf_targets: str | Sequence[str] | None = "auto",
         head_dropout: float | None = None,
+        pooling: str | None = None,
+        encoder_dropout: float | None = None,
         **method_kwargs: Any,
     ) -> None:
         super().__init__()
         # The optimizer partial is code, not a hyper-parameter worth pickling into checkpoints.
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer or torch.optim.AdamW
-        backbone = build_backbone(source, name, num_classes, pretrained, weights, checkpoint)
+        # pooling / encoder_dropout: text encoders only (model.source=hf).
+        backbone = build_backbone(source, name, num_classes, pretrained, weights, checkpoint,
+                                  pooling=pooling, encoder_dropout=encoder_dropout)
         if head_dropout is not None:  # null keeps the backbone's own dropout before the classifier
             set_head_dropout(backbone.net, backbone.head_name, head_dropout)
         self.net = backbone.net

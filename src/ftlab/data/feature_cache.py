@@ -164,16 +164,19 @@ class FeatureCache(L.Callback):
 
         return split in CACHED_SPLITS and self.trainer.state.fn == TrainerFn.FITTING
 
-    def loader(self, split: str, images: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        """The split's loader over cached features: the same batch size and sampler as over ``images``."""
+    def loader(self, split: str, images: Dataset, batch_size: int, sampler: Sampler | None = None,
+               collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+        """The split's loader over cached features: the same batch size and sampler as over ``images``
+        (``collate_fn``: how the data module batches its samples, e.g. padding texts)."""
         if split not in self.datasets:
-            self.datasets[split] = self.extract(split, images, batch_size)
+            self.datasets[split] = self.extract(split, images, batch_size, collate_fn)
         # In memory: worker processes would only add pickling.
         loader_cls = ResumableLoader if split == "train" else DataLoader
         return loader_cls(self.datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
                           num_workers=0, collate_fn=_batch_as_is, drop_last=False)
 
-    def extract(self, split: str, images: Dataset, batch_size: int) -> FeatureDataset:
+    def extract(self, split: str, images: Dataset, batch_size: int,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> FeatureDataset:
         """The head's input for every image of ``images``, in order, as training would compute it."""
         model, trainer = self.model, self.trainer
         net = model.net
@@ -184,7 +187,7 @@ class FeatureCache(L.Callback):
             captured.append(args[0].detach().cpu())
 
         loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                            pin_memory=model.device.type == "cuda")
+                            pin_memory=model.device.type == "cuda", collate_fn=collate_fn)
         # Before the head's own pre-hooks (model.head_dropout): the raw features.
         handle = net.get_submodule(model.head_name).register_forward_pre_hook(capture, prepend=True)
         modes = {m: m.training for m in net.modules()}
@@ -252,6 +255,6 @@ def attach(datamodule: Any, model: Any, trainer: L.Trainer) -> FeatureCache | No
     # Lightning's advice to add loader workers does not apply to tensors already in memory.
     warnings.filterwarnings("ignore", message=r"The '(train|val)_dataloader' does not have many workers")
     log.info("data.cache_features: on (frozen backbone, no augmentation): the backbone runs once per train/val "
-             "image, then every epoch trains the head on the cached features")
+             "sample, then every epoch trains the head on the cached features")
     return cache
 

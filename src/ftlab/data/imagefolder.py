@@ -190,6 +190,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     # -- transforms ------------------------------------------------------------------------
     def set_preprocessing(self, backbone_cfg: dict[str, Any]) -> None:
         """Adopt the backbone's pretrained preprocessing, with this module's overrides applied."""
+        if backbone_cfg.get("modality") == "text":
+            raise UserError(f"data.root={self.root}: this is image data, and the model reads text; choose text data "
+                            "(data=rotten_tomatoes, data=textfile, data=textfolder) or an image model")
         cfg = dict(backbone_cfg)
         if self.image_size:
             cfg["size"] = int(self.image_size)

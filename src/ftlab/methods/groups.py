@@ -52,7 +52,11 @@ def head_names(net: nn.Module, head: str) -> list[str]:
 
 
 def auto_lora_targets(net: nn.Module, head: str) -> list[str]:
-    """Every Linear and ungrouped Conv2d except the head (qkv/proj/mlp in ViTs, all convs in CNNs)."""
+    """The network's own choice when it has one (a text encoder: its query/value projections), else every
+    Linear and ungrouped Conv2d except the head (qkv/proj/mlp in ViTs, all convs in CNNs)."""
+    own = getattr(net, "lora_targets", None)
+    if callable(own):
+        return list(own())
     out = []
     for name, m in net.named_modules():
         if _is_head(name, head) or not name:

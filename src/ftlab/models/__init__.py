@@ -1,3 +1,4 @@
-from ftlab.models.backbones import Backbone, build_backbone, efficientnet_lite0_state_dict
+from ftlab.models.backbones import build_backbone, efficientnet_lite0_state_dict
+from ftlab.models.types import Backbone
 
 __all__ = ["Backbone", "build_backbone", "efficientnet_lite0_state_dict"]

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ftlab.errors import UserError, suggest
+from ftlab.models.types import Backbone
 from ftlab.models.weights import load_into
 
-SOURCES = ("efficientnet_lite0", "timm", "torchvision")
+SOURCES = ("efficientnet_lite0", "timm", "torchvision", "hf")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Backbone:
-    net: nn.Module
-    head_name: str
-    # Pretrained preprocessing: size, mean, std, interpolation, crop_pct.
-    data_config: dict[str, Any] = field(default_factory=dict)
-    weight_source: str = "random"
 
 
 def _submodule_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -155,8 +146,21 @@ def build_backbone(
     pretrained: bool = True,
     weights: str | None = "DEFAULT",
     checkpoint: str | None = None,
+    **extra: Any,
 ) -> Backbone:
-    """Create the network, load its pretrained (or local) weights and fit the head to ``num_classes``."""
+    """Create the network, load its pretrained (or local) weights and fit the head to ``num_classes``.
+
+    ``extra``: keys only some sources take (``hf``: ``pooling``, ``encoder_dropout``); ``None`` values are
+    ignored, a key the source does not take is an error naming it.
+    """
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if source == "hf":
+        # Lazy: transformers is only imported by text runs.
+        from ftlab.models.hf import build_hf_backbone
+
+        return build_hf_backbone(name, num_classes, pretrained, checkpoint=checkpoint, **extra)
+    if extra:
+        raise UserError(f"model.{sorted(extra)[0]}: only text models (model.source=hf) take it")
     if source == "efficientnet_lite0":
         backbone = _efficientnet_lite0(pretrained and checkpoint is None)
     elif source == "timm":
