@@ -7,17 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader
 
+from ftlab.data.base import SplitDataModule
 from ftlab.data.digits import materialize_digits
-from ftlab.data.feature_cache import FeatureCache, check_cache_features
+from ftlab.data.feature_cache import check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
 from ftlab.data.image_cache import cached_datasets
 from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
 from ftlab.data.images import ImageListDataset, Sample, list_classes, scan_split
-from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
 from ftlab.data.transforms import AUGMENT_PRESETS, eval_transform, train_transform
 from ftlab.data.workers import CAN_FORK, resolve_workers
 from ftlab.errors import UserError
@@ -25,7 +23,7 @@ from ftlab.validate import BOOLEAN, POSITIVE_INT, WORKERS, Check, integer, numbe
 
 log = logging.getLogger(__name__)
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Train/val/test loaders over an ImageFolder tree.
 
     No ``val/``: a stratified ``val_fraction`` split of ``train/`` (seeded). No ``test/``: the
@@ -95,7 +93,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         # Train the head on the frozen backbone's outputs, computed once (ftlab.data.feature_cache);
         # ftlab.train attaches the cache when this allows it and the run makes it valid.
         self.cache_features = check_cache_features(cache_features)
-        self.feature_cache: FeatureCache | None = None
         # Cross-validation (ftlab.crossval): with `fold` set, train/val are fold `fold` of `folds`
         # stratified folds over train+val pooled; the test split is untouched.
         check_fold_args(folds, fold)
@@ -105,7 +102,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.preprocessing: dict[str, Any] | None = None
         self.test_on_val = False
         self._splits: dict[str, list[Sample]] = {}
-        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch restart
 
     # -- discovery -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -225,54 +221,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             "test": ImageListDataset(self._splits["test"], eval_tf),
         }
 
-    # -- loaders ---------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        dataset = self.datasets[split]
-        # Train: a seeded, resumable shuffle (ftlab.data.resumable). Test: unpadded shards, so that under
-        # DDP every image is scored once. Val keeps Lightning's sampler (equal batch counts per rank).
-        sampler = None
-        if split == "train":
-            sampler = ResumableSampler(dataset, world, rank, seed=self.seed, shuffle=shuffle)
-            if self._resume is not None:
-                sampler.resume(*self._resume)
-                self._resume = None
-        elif split == "test" and world > 1:
-            sampler = ShardSampler(dataset, num_replicas=world, rank=rank)
-        if self.feature_cache is not None and self.feature_cache.serves(split):
-            return self.feature_cache.loader(split, dataset, self.batch_size, sampler)
-        loader_cls = ResumableLoader if split == "train" else DataLoader
-        return loader_cls(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Forked workers share data.cache's buffer copy-on-write; spawn/forkserver (the default from
-            # Python 3.14) would pickle a copy of it into every worker.
-            multiprocessing_context="fork" if self.cache and self.num_workers > 0 and CAN_FORK else None,
-            pin_memory=on_gpu,
-            drop_last=False,
-        )
-
-    # -- resuming mid-epoch: Lightning stores these in every checkpoint ---------------------
-    def state_dict(self) -> dict[str, int]:
-        return train_position(self.trainer, self.batch_size)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = resume_point(state)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    # -- loaders (ftlab.data.base) -----------------------------------------------------------
+    def loader_options(self) -> dict[str, Any]:
+        # Forked workers share data.cache's buffer copy-on-write; spawn/forkserver (the default from
+        # Python 3.14) would pickle a copy of it into every worker.
+        return {"multiprocessing_context": "fork" if self.cache and self.num_workers > 0 and CAN_FORK else None}
 
 
 class DigitsDataModule(ImageFolderDataModule):

@@ -36,15 +36,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
-from ftlab.data.feature_cache import FeatureCache, check_cache_features
+from ftlab.data.base import SplitDataModule
+from ftlab.data.feature_cache import check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
-from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
+from ftlab.data.resumable import ResumableSampler
 from ftlab.data.workers import resolve_workers
 from ftlab.errors import UserError
 from ftlab.validate import BOOLEAN, POSITIVE_INT, WORKERS, Check, integer, number, one_of
@@ -350,7 +350,7 @@ class LengthGroupedSampler(ResumableSampler):
 
 
 # -- the data module -------------------------------------------------------------------------------
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Train/val/test loaders over text files or folders, with the public interface of
     :class:`ftlab.data.ImageFolderDataModule` (``discover``, ``classes``, ``set_preprocessing``,
     ``preprocessing``, ``split_sizes``, ``test_on_val``, ``root``, ``datasets``, resumable train order)."""
@@ -416,7 +416,6 @@ class TextDataModule(L.LightningDataModule):
         # What ftlab.data.feature_cache reads: texts are never augmented, so a frozen encoder (method=linear
         # with model.encoder_dropout=0) gets its pooled features computed once (data.cache_features=auto).
         self.augment = "none"
-        self.feature_cache: FeatureCache | None = None
         self.classes: list[str] = []
         self.preprocessing: dict[str, Any] | None = None
         self.test_on_val = False
@@ -424,7 +423,6 @@ class TextDataModule(L.LightningDataModule):
         self.datasets: dict[str, TextDataset] = {}
         self._splits: dict[str, list[Sample]] = {}
         self._encoded_with: tuple[int, int] | None = None
-        self._resume: tuple[int, int] | None = None
 
     @staticmethod
     def _resolve_workers(n: int | str) -> int:
@@ -630,53 +628,15 @@ class TextDataModule(L.LightningDataModule):
                  "/".join(str(len(d)) for d in self.datasets.values()), time.perf_counter() - started, max_length,
                  ", ".join(f"{s} {n}" for s, n in truncated.items()))
 
-    # -- loaders -----------------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        trainer = self.trainer
-        on_gpu = trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        dataset = self.datasets[split]
-        sampler = None
-        if split == "train":
-            if self.group_by_length and shuffle:
-                sampler = LengthGroupedSampler(dataset, [len(i) for i in dataset.ids], self.batch_size, world, rank,
-                                               seed=self.seed)
-            else:
-                sampler = ResumableSampler(dataset, world, rank, seed=self.seed, shuffle=shuffle)
-            if self._resume is not None:
-                sampler.resume(*self._resume)
-                self._resume = None
-        elif split == "test" and world > 1:
-            sampler = ShardSampler(dataset, num_replicas=world, rank=rank)
-        if self.feature_cache is not None and self.feature_cache.serves(split):
-            return self.feature_cache.loader(split, dataset, self.batch_size, sampler, collate_fn=self.collate)
-        loader_cls = ResumableLoader if split == "train" else DataLoader
-        return loader_cls(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate,
-            pin_memory=on_gpu,
-            drop_last=False,
-        )
+    # -- loaders (ftlab.data.base) --------------------------------------------------------------------
+    def train_sampler(self, dataset: Dataset, world: int, rank: int) -> ResumableSampler:
+        if self.group_by_length:
+            return LengthGroupedSampler(dataset, [len(i) for i in dataset.ids], self.batch_size, world, rank,
+                                        seed=self.seed)
+        return super().train_sampler(dataset, world, rank)
 
-    def state_dict(self) -> dict[str, int]:
-        return train_position(self.trainer, self.batch_size)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = resume_point(state)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def loader_options(self) -> dict[str, Any]:
+        return {"collate_fn": self.collate}
 
 
 class RottenTomatoesDataModule(TextDataModule):

@@ -1,0 +1,87 @@
+"""What every ftlab DataModule shares: loaders with a resumable seeded shuffle, DDP test shards, the
+feature cache hook, and the train position Lightning stores in checkpoints.
+
+A subclass (images: :mod:`ftlab.data.imagefolder`, texts: :mod:`ftlab.data.text`) builds
+``self.datasets`` (train/val/test) in ``setup`` and may override :meth:`train_sampler` and
+:meth:`loader_options` (collate function, worker start method).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ftlab.data.feature_cache import FeatureCache
+from ftlab.data.resumable import ResumableLoader, ResumableSampler, ShardSampler, resume_point, train_position
+
+
+class SplitDataModule(L.LightningDataModule):
+    batch_size: int
+    num_workers: int
+    seed: int
+    datasets: dict[str, Dataset]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature_cache: FeatureCache | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) after a mid-epoch restart
+
+    # -- what subclasses may change ------------------------------------------------------------
+    def train_sampler(self, dataset: Dataset, world: int, rank: int) -> ResumableSampler:
+        """The seeded, resumable shuffle of the train split (this rank's share of it)."""
+        return ResumableSampler(dataset, world, rank, seed=self.seed, shuffle=True)
+
+    def loader_options(self) -> dict[str, Any]:
+        """Extra DataLoader arguments (``collate_fn``, ``multiprocessing_context``, ...)."""
+        return {}
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, split: str) -> DataLoader:
+        trainer = self.trainer
+        on_gpu = trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = self.datasets[split]
+        # Train: a seeded, resumable shuffle (ftlab.data.resumable). Test: unpadded shards, so that under
+        # DDP every sample is scored once. Val keeps Lightning's sampler (equal batch counts per rank).
+        sampler: Sampler | None = None
+        if split == "train":
+            sampler = self.train_sampler(dataset, world, rank)
+            if self._resume is not None:
+                sampler.resume(*self._resume)
+                self._resume = None
+        elif split == "test" and world > 1:
+            sampler = ShardSampler(dataset, num_replicas=world, rank=rank)
+        options = self.loader_options()
+        if self.feature_cache is not None and self.feature_cache.serves(split):
+            return self.feature_cache.loader(split, dataset, self.batch_size, sampler,
+                                             collate_fn=options.get("collate_fn"))
+        loader_cls = ResumableLoader if split == "train" else DataLoader
+        return loader_cls(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False if sampler is None else None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_gpu,
+            drop_last=False,
+            **options,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- resuming mid-epoch: Lightning stores these in every checkpoint -------------------------
+    def state_dict(self) -> dict[str, int]:
+        return train_position(self.trainer, self.batch_size)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = resume_point(state)
