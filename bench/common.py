@@ -98,6 +98,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (what the operating system sees)."""
+    # VmHWM, not getrusage's ru_maxrss: that one survives exec, so a child started by a big parent
+    # would report the parent's peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def ensure_src_on_path() -> None:
     """Run from a checkout without installing (the Makefile uses the venv, where ftlab is installed)."""
     src = str(REPO / "src")

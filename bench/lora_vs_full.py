@@ -16,7 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, train_step, write_result
+from common import (
+    TINY_OVERRIDES,
+    compose,
+    interleaved,
+    parse_args,
+    peak_rss_mb,
+    row,
+    train_step,
+    write_result,
+)
 
 # Each with its shipped LoRA targets (conf/model/<name>.yaml).
 BACKBONES = {
@@ -34,21 +43,10 @@ def child(backbone: str, method: str, batch: int, size: int, steps: int, tiny: b
     """Train ``steps`` steps and print the peak RSS (MiB) as JSON: run in a fresh process."""
     cfg = compose(_overrides(backbone, method, size, tiny), Path(tempfile.mkdtemp(prefix="ftlab-bench-")))
     step, _ = train_step(cfg, batch, size)
-    built = _peak_rss_mb()
+    built = peak_rss_mb()
     for _ in range(steps):
         step()
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "built_mb": built}))
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM, not getrusage's ru_maxrss: that one survives exec, so a child started by a big parent
-    # would report the parent's peak.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "built_mb": built}))
 
 
 def peak_rss(backbone: str, method: str, batch: int, size: int, steps: int, tiny: bool) -> dict[str, float]:

@@ -71,6 +71,29 @@ LoRA step consumes, all alternating; and the speed-up of `data.cache=true`, whos
 reported apart. A loader/model ratio above 1 means the model is the bottleneck: `data.cache=true` then
 does not shorten training; it pays off where reading or decoding is slow
 ([data.md](data.md#in-memory-image-cache))."""),
+    "text": ("Text", """\
+`bench/text.py`: `data=rotten_tomatoes model=minilm` (all-MiniLM-L6-v2, 22.7 M parameters; LoRA r 8,
+alpha 16 on the query and value projections of all 6 layers) at batch 32, on real Rotten Tomatoes train
+batches tokenised once and padded per batch, in the order ftlab's own train loader serves them
+(length-grouped, seeded). Everything is built through `ftlab.train.build`.
+
+- LoRA / full: the training step (forward, loss, backward, AdamW) of `method=lora` and `method=full`,
+  alternating over the same four batches after warm-up. Peak memory: each method trains two steps in a
+  fresh child process, as for images.
+- Throughput, three ways on the same model, optimizer settings and batches (the same texts in the same
+  order), alternating, twice: ftlab's own Lightning `fit` (its callbacks, TensorBoard and learning-rate
+  logging, metrics, progress bar); a hand-written PyTorch loop with the same optimizer groups,
+  warmup-cosine schedule and gradient clipping; and `transformers.Trainer` with HF peft's LoRA (same
+  rank, alpha and targets, the same MiniLM weights with mean pooling and a linear head,
+  `DataCollatorWithPadding`, on the CPU, no evaluation, saving or logging, no loader workers, the same
+  torch threads; Trainer's own default optimizer). Texts/s counts the steps after the first four of each
+  fit, from the end of one step to the end of the last, data loading included.
+
+In a Transformer the adapters sit in every layer, the first one included, so backward still runs through
+the whole encoder; what LoRA skips is the gradients of the frozen weights themselves and their optimizer
+state.
+Reference accuracies on the same split (TF-IDF + logistic regression, and a linear probe on frozen
+MiniLM embeddings) come from `python -m ftlab.baselines`."""),
     "default_run": ("The default experiment", """\
 `bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults) timed from
 start to exit in a child process; then the same configuration under Lightning's SimpleProfiler, its
@@ -92,7 +115,7 @@ not this file. -->
 
 # Performance
 
-`make bench` runs the benchmark suite in `bench/` (about 9 minutes on 2 CPU cores) and prints a table
+`make bench` runs the benchmark suite in `bench/` (about 12 minutes on 2 CPU cores) and prints a table
 of measured ratios beside their targets; each script also runs alone (`python bench/overhead.py`).
 The results land in `bench/results/<name>.json` plus `summary.md`, and
 `make bench ARGS="--only overhead,lora_vs_full"` picks some. Every ratio is measured side by side in

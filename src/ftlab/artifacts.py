@@ -4,6 +4,12 @@
 BatchNorm statistics; ``adapter.yaml`` says how to rebuild the base model and re-apply it. Full
 fine-tuning (and gradual unfreezing, which ends fully trained) writes ``model.safetensors`` + ``model.yaml``.
 ``merge=true`` additionally folds adapters into plain layers and writes ``model.safetensors``.
+
+The yaml's ``preprocessing`` is the image size/mean/std, or for text models ``{"modality": "text",
+"tokenizer": <model.name or its resolved folder>, "max_length": n}``. Tokenizer files are not copied into
+the run: the tokenizer resolves wherever the base model itself does (the built-in ``minilm`` package, the
+local model folder, the hub cache), and an adapter needs those base weights (a ``model.safetensors`` its
+``config.json``) anyway. ``ftlab export`` writes the tokenizer beside an exported text model.
 """
 
 from __future__ import annotations
@@ -22,6 +28,28 @@ from ftlab.models import build_backbone
 from ftlab.models.weights import read_state_dict
 
 BASE_KEYS = ("source", "name", "pretrained", "weights", "checkpoint")
+# Architecture keys some sources take besides BASE_KEYS (source hf: the pooling the head reads; the
+# encoder's dropout). Recorded in ``base_model`` when set, so the network is rebuilt exactly.
+MODEL_KEYS = ("pooling", "encoder_dropout")
+
+
+def rebuild_backbone(
+    base: dict[str, Any], num_classes: int, pretrained: bool = False, weights: str | None = None,
+    checkpoint: str | None = None,
+) -> Any:
+    """The :class:`ftlab.models.Backbone` an artifact's ``base_model`` record describes."""
+    extra = {k: base[k] for k in MODEL_KEYS if base.get(k) is not None}
+    return build_backbone(base["source"], base["name"], num_classes, pretrained, weights, checkpoint, **extra)
+
+
+def example_input(net: nn.Module, preprocessing: dict[str, Any] | None, batch: int = 2) -> Any:
+    """A seeded batch the network takes: its own ``example_input()`` (text models), else images."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if callable(getattr(net, "example_input", None)):
+            return net.example_input(batch)
+        size = int((preprocessing or {}).get("size", 64))
+        return torch.randn(batch, 3, size, size)
 
 
 def _plain(value: Any) -> Any:
@@ -35,12 +63,14 @@ def _plain(value: Any) -> Any:
 def describe(module: nn.Module, preprocessing: dict[str, Any] | None) -> dict[str, Any]:
     """Everything needed to rebuild the model without the original config: base, classes, preprocessing."""
     hp = dict(module.hparams)
-    method_keys = {k: v for k, v in hp.items() if k not in (*BASE_KEYS, "num_classes", "class_names")}
+    model_keys = {k: hp[k] for k in MODEL_KEYS if hp.get(k) is not None}
+    method_keys = {k: v for k, v in hp.items()
+                   if k not in (*BASE_KEYS, *MODEL_KEYS, "num_classes", "class_names")}
     return _plain(
         {
             "method": module.method,
             "target": f"{type(module).__module__}.{type(module).__qualname__}",
-            "base_model": {**{k: hp.get(k) for k in BASE_KEYS}, "weight_source": module.weight_source},
+            "base_model": {**{k: hp.get(k) for k in BASE_KEYS}, **model_keys, "weight_source": module.weight_source},
             "head": module.head_name,
             "num_classes": hp["num_classes"],
             "class_names": list(module.class_names),
@@ -57,8 +87,8 @@ def _save_whole(net: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-def _max_rel_error(a: nn.Module, b: nn.Module, size: int) -> float:
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+def _max_rel_error(a: nn.Module, b: nn.Module, preprocessing: dict[str, Any] | None) -> float:
+    x = example_input(a, preprocessing)
     was = a.training, b.training
     a.eval(), b.eval()
     with torch.no_grad():
@@ -88,7 +118,7 @@ def write_artifacts(
     if merge:
         merged = copy.deepcopy(module.net)
         merge_adapters(merged)
-        error = _max_rel_error(module.net, merged, int(info["preprocessing"].get("size", 64)))
+        error = _max_rel_error(module.net, merged, info["preprocessing"])
         if error > 1e-4:
             raise RuntimeError(f"merged model differs from the adapted one (max rel. error {error:.2e})")
         result["merged_bytes"] = _save_whole(merged, out / "model.safetensors")
@@ -105,8 +135,8 @@ def load_artifact(run_dir: str | Path, prefer: str = "adapter") -> tuple[nn.Modu
     meta_path = run_dir / ("adapter.yaml" if use_adapter else "model.yaml")
     info = yaml.safe_load(meta_path.read_text())
     base = info["base_model"]
-    backbone = build_backbone(
-        base["source"], base["name"], info["num_classes"],
+    backbone = rebuild_backbone(
+        base, info["num_classes"],
         pretrained=bool(base.get("pretrained")) and use_adapter,
         weights=base.get("weights") if use_adapter else None,
         checkpoint=base.get("checkpoint") if use_adapter else None,

@@ -54,7 +54,13 @@ COMMANDS: dict[str, Command] = {
             "split": Key("test", "test | val | train, as the run split its data"),
             "data.root": Key(None, "another ImageFolder: DIR/{train,val,test}/<class>/, "
                              "DIR/<split>/<class>/\n"
-                             "or DIR/<class>/; its classes must be among the model's"),
+                             "or DIR/<class>/; its classes must be among the model's. Text models:\n"
+                             "DIR/{train,val,test}.{csv,tsv,jsonl}, DIR/<split>.csv, .txt class folders,\n"
+                             "or one file"),
+            "data.text_column": Key(None, "text models: the text column of data.root's files "
+                                    "(default: the run's, else text)"),
+            "data.label_column": Key(None, "text models: the label column of data.root's files "
+                                     "(default: the run's, else label)"),
             "output": Key(None, "metrics JSON (default <RUN>/eval/<split>.json)"),
             **SHARED,
             "batch_size": Key(64, "images per batch", int),
@@ -66,7 +72,11 @@ COMMANDS: dict[str, Command] = {
         "label a folder (or one image) -> CSV: path,label,prob,top1_label,top1_prob,...",
         "ftlab predict RUN input=DIR|FILE [output=preds.csv] [top_k=3] [key=value ...]",
         {
-            "input": Key(None, "an image, or a folder searched recursively for images (required)"),
+            "input": Key(None, "an image, or a folder searched recursively for images (required).\n"
+                         "Text models: a .txt file (one text per line), a .csv/.tsv/.jsonl file\n"
+                         "(its text column) or a folder of .txt files (one text each)"),
+            "text_column": Key(None, "text models: the column of a .csv/.tsv/.jsonl input holding the texts\n"
+                               "(default: the run's data.text_column, else text)"),
             "output": Key(None, "CSV file (default <RUN>/predictions.csv)"),
             "top_k": Key(3, "labels/probabilities per image", int),
             **SHARED,
@@ -78,7 +88,8 @@ COMMANDS: dict[str, Command] = {
         "merge adapters and write a plain model + model.json, reloaded and checked",
         "ftlab export RUN [format=safetensors|torchscript|onnx] [output=DIR]",
         {
-            "format": Key("safetensors", "safetensors | torchscript | onnx (needs pip install -e '.[onnx]')"),
+            "format": Key("safetensors", "safetensors | torchscript | onnx (needs pip install -e '.[onnx]');\n"
+                          "text models: inputs input_ids, attention_mask, plus tokenizer/"),
             "output": Key(None, "directory (default <RUN>/export/<format>/)"),
             "adapter": SHARED["adapter"],
         },
@@ -167,7 +178,8 @@ def _eval(argv: list[str]) -> int:
 
     source, v = parse_args("eval", argv)
     evaluate(source, split=v["split"], data_root=v["data.root"], output=v["output"],
-             batch_size=v["batch_size"], num_workers=v["num_workers"], device=v["device"])
+             batch_size=v["batch_size"], num_workers=v["num_workers"], device=v["device"],
+             text_column=v["data.text_column"], label_column=v["data.label_column"])
     return 0
 
 
@@ -178,7 +190,7 @@ def _predict(argv: list[str]) -> int:
     if not v["input"]:
         raise UserError("ftlab predict: input=DIR|FILE is required")
     predict(source, v["input"], output=v["output"], top_k=v["top_k"], batch_size=v["batch_size"],
-            num_workers=v["num_workers"], device=v["device"])
+            num_workers=v["num_workers"], device=v["device"], text_column=v["text_column"])
     return 0
 
 

@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftlab.adapters import CONFIG_KEY, load_adapter
+from ftlab.artifacts import rebuild_backbone
 from ftlab.data.images import readable_image_loader
 from ftlab.data.transforms import eval_transform
 from ftlab.errors import UserError
-from ftlab.models import build_backbone
 from ftlab.models.weights import read_state_dict
 from ftlab.runs import find_run_dir, run_config
 
@@ -115,14 +115,14 @@ def _from_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
                 f"{path}: the adapter's base model was randomly initialised (pretrained=false), "
                 f"so its frozen weights are in no file{hint}"
             )
-        net = build_backbone(base["source"], base["name"], meta["num_classes"], bool(base.get("pretrained")),
-                             base.get("weights"), base.get("checkpoint")).net
+        net = rebuild_backbone(base, meta["num_classes"], bool(base.get("pretrained")), base.get("weights"),
+                               base.get("checkpoint")).net
         try:
             load_adapter(net, str(path))
         except ValueError as exc:
             raise UserError(f"{path}: does not fit its base model {base['name']} ({exc})") from None
         return net.eval(), _info("adapter", path, meta, run_dir)
-    net = build_backbone(base["source"], base["name"], meta["num_classes"], pretrained=False).net
+    net = rebuild_backbone(base, meta["num_classes"], pretrained=False).net
     load_plain_state(net, read_state_dict(path), path)
     return net.eval(), _info("model", path, meta, run_dir)
 
@@ -144,7 +144,11 @@ def _module_class(target: str, origin: Path) -> type:
 def _preprocessing_from_config(cfg: DictConfig | None, data_config: dict[str, Any]) -> dict[str, Any]:
     # The same overrides the datamodule applies in set_preprocessing().
     pre = dict(data_config)
-    if cfg is not None:
+    if cfg is not None and is_text(pre):
+        max_length = OmegaConf.select(cfg, "data.max_length", default=None)
+        if max_length:
+            pre["max_length"] = int(max_length)
+    elif cfg is not None:
         size = OmegaConf.select(cfg, "data.image_size", default=None)
         crop = OmegaConf.select(cfg, "data.crop_pct", default=None)
         if size:
@@ -228,7 +232,8 @@ def load_predictor(source: str | os.PathLike[str]) -> tuple[nn.Module, dict[str,
     """The trained network (cpu, fp32, eval mode, adapters unmerged) and what it needs at inference.
 
     ``info``: kind (model|adapter|checkpoint), path, run_dir, method, target, base_model, head,
-    num_classes, class_names, preprocessing (size, mean, std, interpolation, crop_pct).
+    num_classes, class_names, preprocessing (size, mean, std, interpolation, crop_pct; for text models
+    modality "text", tokenizer, max_length: see :func:`is_text`).
     """
     path = Path(source).expanduser()
     if not path.exists():
@@ -242,6 +247,11 @@ def load_predictor(source: str | os.PathLike[str]) -> tuple[nn.Module, dict[str,
     else:
         raise UserError(f"{path}: expected a run directory, a .ckpt checkpoint or a .safetensors artifact")
     return net.float(), info
+
+
+def is_text(preprocessing: dict[str, Any] | None) -> bool:
+    """Whether a model's preprocessing is a tokenizer (text model) rather than an image transform."""
+    return (preprocessing or {}).get("modality") == "text"
 
 
 def describe_source(info: dict[str, Any]) -> str:
@@ -286,8 +296,8 @@ def image_loader(
     return readable_image_loader(paths, eval_transform(preprocessing), batch_size, num_workers)
 
 
-def warn_unreadable(bad: list[tuple[str, str]]) -> None:
-    """One warning on stderr naming every skipped file."""
+def warn_unreadable(bad: list[tuple[str, str]], what: str = "file(s)") -> None:
+    """One warning on stderr naming every skipped file (or text: ``what="text(s)"``)."""
     if bad:
-        listed = "; ".join(f"{path} ({err.splitlines()[0][:120]})" for path, err in bad)
-        print(f"ftlab: warning: skipped {len(bad)} unreadable file(s): {listed}", file=sys.stderr)
+        listed = "; ".join(f"{path} ({(err.splitlines() or [''])[0][:120]})" for path, err in bad)
+        print(f"ftlab: warning: skipped {len(bad)} unreadable {what}: {listed}", file=sys.stderr)

@@ -29,7 +29,10 @@ a plain pretrained state dict loads into an adapted model without any key remapp
 - ``adapter_state_dict(model, extra_prefixes=())``, ``adapter_config(model)``,
   ``save_adapter(model, path, extra_prefixes=(), metadata=None) -> int`` (bytes),
   ``load_adapter(model, path_or_state_dict, strict=True, config=None) -> list[str]`` (safetensors only;
-  PiSSA files also carry the residual base weights), ``peft_to_ftlab_keys`` / ``ftlab_to_peft_keys``.
+  PiSSA files also carry the residual base weights), ``peft_to_ftlab_keys`` / ``ftlab_to_peft_keys``
+  (``prefix=`` maps a sub-module, e.g. ``"encoder."`` for a peft adapter on a bare transformers encoder).
+- ``load_peft_adapter(model, folder, prefix="")`` / ``save_peft_adapter(model, folder, prefix="")``: HF peft
+  adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), LoRA and DoRA.
 
 Adapted modules survive ``copy.deepcopy`` and pickling, and behave like their base under ``train()``/
 ``eval()`` (only LoRA dropout differs). Adapters are trained through x → A → B; the frozen base weight
@@ -47,9 +50,11 @@ from ftlab.adapters.state import (
     apply_adapter_config,
     ftlab_to_peft_keys,
     load_adapter,
+    load_peft_adapter,
     peft_to_ftlab_keys,
     read_adapter_file,
     save_adapter,
+    save_peft_adapter,
 )
 
 __all__ = [
@@ -66,9 +71,11 @@ __all__ = [
     "apply_ssf",
     "ftlab_to_peft_keys",
     "load_adapter",
+    "load_peft_adapter",
     "mark_trainable",
     "merge_adapters",
     "peft_to_ftlab_keys",
     "read_adapter_file",
     "save_adapter",
+    "save_peft_adapter",
 ]

@@ -225,14 +225,28 @@ def load_adapter(
     return sorted(name for name, _ in layers)
 
 
-def peft_to_ftlab_keys(state_dict: Mapping[str, Any], adapter_name: str = "default") -> dict[str, Any]:
+def _prefix(prefix: str) -> str:
+    """``"encoder"`` / ``"encoder."`` -> ``"encoder."``; ``""`` stays empty."""
+    prefix = str(prefix or "")
+    return prefix if not prefix or prefix.endswith(".") else prefix + "."
+
+
+def peft_to_ftlab_keys(
+    state_dict: Mapping[str, Any], adapter_name: str = "default", prefix: str = ""
+) -> dict[str, Any]:
     """Rename HF-peft LoRA keys to ftlab keys (values untouched).
 
     Handles both peft's saved form (``base_model.model.<m>.lora_A.weight``, ``<m>.lora_magnitude_vector``)
     and its in-memory form (``<m>.lora_A.default.weight``, ``<m>.lora_magnitude_vector.default.weight``,
     ``<m>.base_layer.weight``, ``<m>.modules_to_save.default.<p>``). peft's frozen duplicate of a
     modules_to_save layer (``<m>.original_module.<p>``) is dropped, the only non-rename.
+
+    ``prefix``: the module path, inside the ftlab network, of the model peft wrapped; it is put in front of
+    every key. A peft adapter made on a bare transformers encoder (``AutoModel``, e.g. ``BertModel``) loads
+    into :class:`ftlab.models.hf.HFTextClassifier` with ``prefix="encoder."`` (peft's
+    ``base_model.model.encoder.layer.0…`` becomes ftlab's ``encoder.encoder.layer.0…``).
     """
+    prefix = _prefix(prefix)
     name = re.escape(adapter_name)
     rules = [
         (re.compile(rf"\.(lora_A|lora_B)\.{name}\."), r".\1."),
@@ -247,24 +261,124 @@ def peft_to_ftlab_keys(state_dict: Mapping[str, Any], adapter_name: str = "defau
             continue
         for pattern, repl in rules:
             new = pattern.sub(repl, new)
+        new = prefix + new
         if new in out:
             raise ValueError(f"peft_to_ftlab_keys: two keys map to {new!r}")
         out[new] = value
     return out
 
 
-def ftlab_to_peft_keys(state_dict: Mapping[str, Any], adapter_name: str | None = None) -> dict[str, Any]:
+def ftlab_to_peft_keys(
+    state_dict: Mapping[str, Any], adapter_name: str | None = None, prefix: str = ""
+) -> dict[str, Any]:
     """Rename ftlab keys to HF-peft keys (values untouched); inverse of ``peft_to_ftlab_keys``.
 
     ``adapter_name=None`` gives peft's saved-file form (``base_model.model.<m>.lora_A.weight``); a name
     gives its in-memory form (``…lora_A.<name>.weight``). Keys of qkv slices (``lora_A.q.weight``) and SSF
     have no peft equivalent and are only prefixed; a PiSSA residual ``<m>.weight`` is a base weight to peft.
+
+    ``prefix``: the module path, inside the ftlab network, of the model peft will wrap; it is taken off
+    every key, and keys outside it are left out (they are not part of that model: e.g. ftlab's classifier
+    ``head.*`` when peft wraps the bare encoder, ``prefix="encoder."``).
     """
+    prefix = _prefix(prefix)
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        new = key
+        if prefix and not key.startswith(prefix):
+            continue
+        new = key[len(prefix):]
         if adapter_name is not None:
             new = re.sub(r"\.(lora_A|lora_B)\.", rf".\1.{adapter_name}.", new)
             new = re.sub(r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{adapter_name}.weight", new)
         out[PEFT_PREFIX + new] = value
     return out
+
+
+# -- HF peft adapter folders -----------------------------------------------------------------------
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def load_peft_adapter(
+    model: nn.Module, path: str | os.PathLike[str], prefix: str = "", strict: bool = True
+) -> list[str]:
+    """Apply a HF peft LoRA/DoRA adapter folder (peft's ``save_pretrained``: ``adapter_config.json`` +
+    ``adapter_model.safetensors``) to ``model``; returns the adapted module names.
+
+    LoRA goes on exactly the modules the file holds tensors for, with peft's ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``use_rslora`` and ``use_dora`` (the same scaling and DoRA formula as ftlab's).
+    ``prefix`` as in :func:`peft_to_ftlab_keys` (``"encoder."`` for an adapter made on a bare transformers
+    encoder, loaded into :class:`ftlab.models.hf.HFTextClassifier`). Per-module ranks (``rank_pattern``,
+    ``alpha_pattern``), LoRA biases and Conv1D (``fan_in_fan_out``) models are refused with a ValueError.
+    """
+    folder = Path(path)
+    config_path, weights_path = folder / PEFT_CONFIG_FILE, folder / PEFT_WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"load_peft_adapter: {folder} needs {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE}")
+    peft_config = json.loads(config_path.read_text())
+    if str(peft_config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"load_peft_adapter: {folder} is a {peft_config.get('peft_type')} adapter, not LoRA")
+    for key in ("rank_pattern", "alpha_pattern", "lora_bias", "fan_in_fan_out", "layer_replication"):
+        if peft_config.get(key):
+            raise ValueError(f"load_peft_adapter: {folder}: peft's {key} has no ftlab equivalent")
+    state, _, _ = read_adapter_file(weights_path)
+    state = peft_to_ftlab_keys(state, prefix=prefix)
+    modules = sorted({k.rpartition(".lora_A.")[0] for k in state if ".lora_A." in k})
+    if not modules:
+        raise ValueError(f"load_peft_adapter: {weights_path} holds no lora_A tensors")
+    hparams = make_lora_config(
+        int(peft_config["r"]), float(peft_config["lora_alpha"]), float(peft_config.get("lora_dropout") or 0.0),
+        "kaiming", bool(peft_config.get("use_rslora")), bool(peft_config.get("use_dora")), None,
+    )
+    config = {"format": FORMAT, "version": VERSION, "lora": [{"modules": modules, **hparams}], "ssf": {"modules": []}}
+    return load_adapter(model, state, strict=strict, config=config)
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    prefix: str = "",
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``model``'s LoRA/DoRA adapters as a HF peft adapter folder that ``PeftModel.from_pretrained``
+    loads onto the model at ``prefix`` (``"encoder."`` for the transformers encoder of an
+    :class:`ftlab.models.hf.HFTextClassifier`); returns the folder.
+
+    Only the adapter tensors are written: ftlab's new classifier head (and anything else outside ``prefix``)
+    is not part of the model peft wraps. One rank/alpha for all layers; SSF, PiSSA and qkv-sliced LoRA have
+    no peft form and are refused with a ValueError.
+    """
+    prefix = _prefix(prefix)
+    config = adapter_config(model)
+    if config["ssf"]["modules"]:
+        raise ValueError("save_peft_adapter: SSF adapters have no peft equivalent")
+    if len(config["lora"]) != 1:
+        raise ValueError(f"save_peft_adapter: expected one LoRA configuration, found {len(config['lora'])}")
+    group = config["lora"][0]
+    if group["qkv"] is not None or group["init"] == "pissa":
+        raise ValueError("save_peft_adapter: qkv-sliced and PiSSA LoRA have no peft adapter-file form")
+    outside = [m for m in group["modules"] if not m.startswith(prefix)]
+    if outside:
+        raise ValueError(f"save_peft_adapter: adapted modules outside prefix {prefix!r}: {outside[:5]}")
+    state = ftlab_to_peft_keys(adapter_state_dict(model), prefix=prefix)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": group["rank"],
+        "lora_alpha": group["alpha"],
+        "lora_dropout": group["dropout"],
+        "use_rslora": group["rslora"],
+        "use_dora": group["dora"],
+        "target_modules": [m[len(prefix):] for m in group["modules"]],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return folder

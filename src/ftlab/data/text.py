@@ -65,13 +65,13 @@ _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (decoded
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def _decode(raw: bytes) -> str:
+def decode_utf8(raw: bytes) -> str:
     """UTF-8 (a leading BOM dropped); undecodable bytes survive as lone surrogates, flagged per record."""
     text = raw.decode("utf-8", errors="surrogateescape")
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _text_problem(text: Any) -> str | None:
+def text_problem(text: Any) -> str | None:
     if not isinstance(text, str):
         return "empty text" if text is None else f"text is a {type(text).__name__}, not a string"
     if _SURROGATE.search(text):
@@ -100,7 +100,7 @@ def _missing_column(path: Path | str, key: str, columns: Sequence[str], option: 
 def read_delimited(path: Path, text_column: str = "text", label_column: str = "label") -> list[Row]:
     """Rows of a CSV (RFC 4180 quoting) or TSV (no quoting) file with a header line."""
     delimiter = FILE_FORMATS[path.suffix.lower().lstrip(".")]
-    content = _decode(path.read_bytes())
+    content = decode_utf8(path.read_bytes())
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, quoting=quoting)
     try:
@@ -132,7 +132,7 @@ def read_delimited(path: Path, text_column: str = "text", label_column: str = "l
             hint = " (an unquoted comma in the text? quote the field)" if delimiter == "," else ""
             raise UserError(f"{where}: {len(record)} fields, the header has {len(header)}{hint}")
         text = record[ti]
-        rows.append((text, _label(record[li], where, label_column), where, _text_problem(text)))
+        rows.append((text, _label(record[li], where, label_column), where, text_problem(text)))
     return rows
 
 
@@ -140,7 +140,7 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
     """Rows of a JSON-lines file: one object per line with the text and label keys."""
     rows: list[Row] = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks at.
-    for line_no, line in enumerate(_decode(path.read_bytes()).split("\n"), start=1):
+    for line_no, line in enumerate(decode_utf8(path.read_bytes()).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path} line {line_no}"
@@ -154,7 +154,7 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
             if key not in obj:
                 raise _missing_column(where, key, list(obj), option)
         text = obj[text_column]
-        problem = _text_problem(text)
+        problem = text_problem(text)
         rows.append((text if isinstance(text, str) else "", _label(obj[label_column], where, label_column),
                      where, problem))
     return rows
@@ -217,7 +217,7 @@ def read_text_folder(split_dir: Path, known: set[str] | None = None) -> list[Row
         for f in files:
             try:
                 text = Path(f).read_bytes().decode("utf-8-sig")
-                problem = _text_problem(text)
+                problem = text_problem(text)
             except UnicodeDecodeError as exc:
                 text, problem = "", f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
             rows.append((text.strip(), cls, f, problem))
