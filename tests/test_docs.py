@@ -32,10 +32,7 @@ from typing import Any
 
 import pytest
 
-try:
-    from ftlab.config import compose_config
-except ImportError:  # before compose_config moved to ftlab.config
-    from ftlab.train import compose_config
+from ftlab.config import check_group_choices, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -219,10 +216,6 @@ def check_train(args: list[str], run_dir: Path, where: str) -> int:
         key, _, value = o.partition("=")
         if key == "hydra/launcher" and value in LAUNCHER_PLUGINS:
             pytest.importorskip(LAUNCHER_PLUGINS[value], reason=f"{where}: hydra/launcher={value} plugin not installed")
-    try:
-        from ftlab.config import check_group_choices
-    except ImportError:
-        from ftlab.train import check_group_choices
     try:
         check_group_choices(overrides)
     except Exception as exc:
