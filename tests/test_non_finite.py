@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:
-    # 26 train images / batch 4 = 7 steps per epoch.
+    # 26 train images / batch 4 = 6 steps per epoch (data.drop_last: full batches only).
     return ["data=imagefolder", f"data.root={root}", "data.batch_size=4", *TINY_MODEL, *FAST_TRAINER,
             "method=full", "logger=none", *extra]
 
@@ -54,7 +54,7 @@ def test_absurd_learning_rate_stops_in_one_line_and_keeps_the_last_good_checkpoi
 def test_non_finite_mid_run_leaves_last_and_best_checkpoints_good(
     compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str
 ) -> None:
-    """Epoch 0 ends at step 7 (best.ckpt, last.ckpt), step checkpoints every 4; step 10 is poisoned."""
+    """Epoch 0 ends at step 6 (best.ckpt, last.ckpt), step checkpoints every 4; step 10 is poisoned."""
     original = ClassifierModule.training_step
 
     def poisoned(self, batch, batch_idx):
@@ -72,8 +72,8 @@ def test_non_finite_mid_run_leaves_last_and_best_checkpoints_good(
     with pytest.raises(UserError) as err:
         run(cfg)
     what = "gradient (nan)" if poison == "nan gradient" else f"loss ({poison.split()[0]})"
-    assert f"non-finite {what} at step 10 (epoch 1, batch 2)" in str(err.value)
+    assert f"non-finite {what} at step 10 (epoch 1, batch 3)" in str(err.value)
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     assert _finite(checkpoints / "last.ckpt")["global_step"] == 8
-    assert _finite(checkpoints / "best.ckpt")["global_step"] == 7
+    assert _finite(checkpoints / "best.ckpt")["global_step"] == 6
     assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()

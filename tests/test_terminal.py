@@ -147,3 +147,21 @@ def test_disk_full_during_training_ends_the_run_in_one_line(monkeypatch, compose
     ckpts = sorted(p.name for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir())
     assert ckpts == ["best.ckpt"], ckpts
     assert torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_dash_v_turns_on_hydra_verbose_and_the_console_keeps_the_noise(monkeypatch) -> None:
+    import logging
+
+    from ftlab import entry
+    from ftlab.logs import QuietConsole
+
+    seen = {}
+    monkeypatch.setattr(entry, "hydra_main", lambda: seen.setdefault("argv", list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["ftlab", "method=lora", "-v", "seed=1"])
+    entry.main()
+    assert seen["argv"] == ["ftlab", "method=lora", "seed=1", "hydra.verbose=true"]
+
+    record = logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, __file__, 1,
+                               "GPU available: False, used: False", None, None)
+    assert not QuietConsole(console=True, quiet=True).filter(record)
+    assert QuietConsole(console=True, quiet=False).filter(record)  # what configure(verbose=True) installs

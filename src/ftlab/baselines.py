@@ -1,4 +1,4 @@
-"""Reference accuracies for a text split, measured by ftlab on exactly the texts a run trains and tests on.
+"""Reference accuracies measured by ftlab on exactly the texts (or images) a run trains and tests on.
 
 Two classical baselines, each trained on ``train``, its regularisation ``C`` chosen on ``val`` from a small
 grid (ties go to the smaller ``C``), then scored once on ``test``:
@@ -17,6 +17,20 @@ The texts come from the data module a run uses (``data=rotten_tomatoes``: the CS
     python -m ftlab.baselines --data-dir /data        # /data/rotten_tomatoes
     python -m ftlab.baselines --root my_texts/        # any text data folder (train.csv, ...), as data.root
     python -m ftlab.baselines --no-probe              # TF-IDF only (seconds; no model needed)
+
+For ``data=fashion_mnist`` the baselines read raw pixels (28 x 28 grayscale, scaled to [0, 1]) of exactly the
+images a run uses: the same stratified ``train_limit`` subset, ``val_size`` validation images and official
+test set (``--train-limit``, ``--val-size``, ``--test-limit``, ``--subset-seed``; defaults from
+``conf/data/fashion_mnist.yaml``):
+
+- ``pixels_logreg``: logistic regression on the 784 pixels.
+- ``pixels_svc``: an RBF-kernel SVC on the 784 pixels (``gamma="scale"``), the strongest classical model of the
+  Fashion-MNIST authors' scikit-learn benchmark (0.897 with C=10 on all 60,000 train images).
+
+::
+
+    python -m ftlab.baselines data=fashion_mnist                      # the default run's subset and test set
+    python -m ftlab.baselines data=fashion_mnist --train-limit 20000
 
 The table goes to stdout and the numbers to ``--out`` (default
 ``<FTLAB_OUTPUT_DIR or ./outputs>/baselines/<dataset>.json``), written atomically.
@@ -44,6 +58,12 @@ DATASET = "rotten_tomatoes"
 TFIDF_C_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 PROBE_C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 DEFAULT_PROBE_MODEL = "minilm"
+IMAGE_DATASET = "fashion_mnist"
+# Grids for the pixel baselines (C chosen on val as for text).
+PIXEL_LOGREG_C_GRID = (0.01, 0.1, 1.0)
+PIXEL_SVC_C_GRID = (1.0, 10.0, 100.0)
+# data=fashion_mnist keys the pixel baselines take, defaults from conf/data/fashion_mnist.yaml.
+SUBSET_KEYS = ("train_limit", "val_size", "test_limit", "subset_seed")
 EMBED_BATCH = 64
 SEED = 0
 
@@ -198,6 +218,81 @@ def probe_baseline(splits: dict[str, Split], num_classes: int, model_name: str =
                    embedding_dim=int(data["train"][0].shape[1]), embed_seconds=round(embed_seconds, 1))
 
 
+# -- raw pixels of an image subset (data=fashion_mnist) ----------------------------------------------
+def fashion_mnist_defaults() -> dict[str, Any]:
+    """``train_limit``, ``val_size``, ``test_limit``, ``subset_seed`` as conf/data/fashion_mnist.yaml sets them."""
+    from omegaconf import OmegaConf
+
+    from ftlab.config import CONFIG_DIR
+
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "data" / f"{IMAGE_DATASET}.yaml")
+    return {key: cfg[key] for key in SUBSET_KEYS}
+
+
+def load_pixel_splits(root: str | os.PathLike, **subset: Any) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], Any]:
+    """``(classes, {split: (pixels (n, h*w) float32 in [0, 1], labels)}, data module)``: the very files a
+    ``data=fashion_mnist`` run with these subset keys trains, validates and tests on (materialised if needed)."""
+    from PIL import Image
+
+    from ftlab.data.fashion_mnist import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(str(root), check_images=False, num_workers=0, **subset)
+    classes = dm.discover()
+    splits = {}
+    for split, samples in dm._splits.items():
+        pixels = np.empty((len(samples), 0), np.float32)
+        rows = []
+        for path, _ in samples:
+            with Image.open(path) as img:
+                rows.append(np.asarray(img.convert("L"), dtype=np.float32).reshape(-1) / 255.0)
+        if rows:
+            pixels = np.stack(rows)
+        splits[split] = (pixels, np.asarray([y for _, y in samples], dtype=np.int64))
+    return classes, splits, dm
+
+
+def pixel_baselines(splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
+                    logreg_grid: Sequence[float] = PIXEL_LOGREG_C_GRID,
+                    svc_grid: Sequence[float] = PIXEL_SVC_C_GRID) -> list[dict[str, Any]]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    results = []
+    started = time.perf_counter()
+    c, scores, model = select_c(lambda c: LogisticRegression(C=c, max_iter=1000, random_state=SEED),
+                                splits["train"], splits["val"], logreg_grid)
+    results.append(_result("pixels_logreg", "logistic regression on raw pixels", c, scores, model, splits,
+                           num_classes, time.perf_counter() - started))
+    started = time.perf_counter()
+    c, scores, model = select_c(lambda c: SVC(C=c, kernel="rbf", gamma="scale", random_state=SEED),
+                                splits["train"], splits["val"], svc_grid)
+    results.append(_result("pixels_svc", "RBF-kernel SVC on raw pixels (gamma=scale)", c, scores, model, splits,
+                           num_classes, time.perf_counter() - started))
+    return results
+
+
+def run_pixel_baselines(root: str | os.PathLike, **subset: Any) -> dict[str, Any]:
+    """Both pixel baselines on the ``data=fashion_mnist`` subset ``subset`` selects; the JSON-ready result."""
+    import sklearn
+
+    started = time.perf_counter()
+    settings = {**fashion_mnist_defaults(), **{k: v for k, v in subset.items() if v is not None}}
+    classes, splits, dm = load_pixel_splits(root, **settings)
+    results = pixel_baselines(splits, len(classes))
+    return {
+        "data": str(Path(root).resolve()),
+        "dataset": IMAGE_DATASET,
+        "classes": classes,
+        "split_sizes": {s: len(y) for s, (_, y) in splits.items()},
+        "test_on_val": bool(dm.test_on_val),
+        **{f"data.{k}": v for k, v in settings.items()},
+        "selection": "C chosen on val (best accuracy, smaller C on ties), model trained on train only",
+        "sklearn": sklearn.__version__,
+        "baselines": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 # -- the command -------------------------------------------------------------------------------------
 def run_baselines(root: str | os.PathLike, rotten_tomatoes: bool = True, probe: bool = True,
                   probe_model: str = DEFAULT_PROBE_MODEL, limit: int | None = None) -> dict[str, Any]:
@@ -241,10 +336,10 @@ def _default_out(dataset: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftlab.baselines", description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", default=f"data={DATASET}", choices=[f"data={DATASET}"],
-                        help=f"the dataset (only data={DATASET}; --root for other text data)")
+    parser.add_argument("data", nargs="?", default=f"data={DATASET}", choices=[f"data={DATASET}", f"data={IMAGE_DATASET}"],
+                        help=f"the dataset (data={DATASET} or data={IMAGE_DATASET}; --root for other text data)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where data=rotten_tomatoes lives (<dir>/rotten_tomatoes); default FTLAB_DATA_DIR or ./data")
+                        help="where the dataset lives (<dir>/rotten_tomatoes, <dir>/fashion_mnist); default FTLAB_DATA_DIR or ./data")
     parser.add_argument("--root", type=Path, default=None,
                         help="any text data folder ftlab reads (train.csv/.tsv/.jsonl or train/<class>/*.txt) instead")
     parser.add_argument("--out", type=Path, default=None, help="the JSON file (default outputs/baselines/<dataset>.json)")
@@ -252,7 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-model", default=DEFAULT_PROBE_MODEL,
                         help="the encoder of the linear probe (as model.name of model=minilm|hf)")
     parser.add_argument("--limit", type=int, default=None, help="a seeded random N texts of each split only (smoke checks)")
+    for key in SUBSET_KEYS:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                            help=f"data={IMAGE_DATASET}: data.{key} (default: conf/data/{IMAGE_DATASET}.yaml's)")
     args = parser.parse_args(argv)
+    image = args.data == f"data={IMAGE_DATASET}"
+    subset = {key: getattr(args, key) for key in SUBSET_KEYS}
+    if image and (args.root is not None or args.limit is not None):
+        parser.error(f"data={IMAGE_DATASET}: --root and --limit are for text data; use --train-limit, --test-limit")
+    if not image and any(v is not None for v in subset.values()):
+        parser.error(f"--train-limit, --val-size, --test-limit, --subset-seed: only with data={IMAGE_DATASET}")
     if args.root is not None and args.data_dir is not None:
         parser.error("--root and --data-dir: give one")
     if args.limit is not None and args.limit < 2:
@@ -263,8 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         data_dir = args.data_dir or Path(os.environ.get("FTLAB_DATA_DIR") or "data")
         root, rotten = data_dir / DATASET, True
+    if image:
+        root = (args.data_dir or Path(os.environ.get("FTLAB_DATA_DIR") or "data")) / IMAGE_DATASET
     try:
-        result = run_baselines(root, rotten, probe=not args.no_probe, probe_model=args.probe_model, limit=args.limit)
+        if image:
+            result = run_pixel_baselines(root, **subset)
+        else:
+            result = run_baselines(root, rotten, probe=not args.no_probe, probe_model=args.probe_model, limit=args.limit)
     except UserError as exc:
         print(f"ftlab.baselines: {exc}", file=sys.stderr)
         return 1

@@ -61,12 +61,14 @@ COMMANDS: dict[str, Command] = {
                                     "(default: the run's, else text)"),
             "data.label_column": Key(None, "text models: the label column of data.root's files "
                                      "(default: the run's, else label)"),
-            "output": Key(None, "metrics JSON (default <RUN>/eval/<split>.json)"),
+            "output": Key(None, "metrics JSON (default <RUN>/eval/<split>.json; with tta <split>_tta_hflip.json)"),
+            "tta": Key(None, "test-time augmentation, image models: hflip = the mean of the logits of each\n"
+                       "image and its mirror image"),
             **SHARED,
             "batch_size": Key(64, "images per batch", int),
         },
         ("ftlab eval outputs/runs/<run>", "ftlab eval outputs/runs/<run>/checkpoints/best.ckpt split=val",
-         "ftlab eval outputs/runs/<run> data.root=~/more_digits"),
+         "ftlab eval outputs/runs/<run> data.root=~/more_digits", "ftlab eval outputs/runs/<run> tta=hflip"),
     ),
     "predict": Command(
         "label a folder (or one image) -> CSV: path,label,prob,top1_label,top1_prob,...",
@@ -179,7 +181,7 @@ def _eval(argv: list[str]) -> int:
     source, v = parse_args("eval", argv)
     evaluate(source, split=v["split"], data_root=v["data.root"], output=v["output"],
              batch_size=v["batch_size"], num_workers=v["num_workers"], device=v["device"],
-             text_column=v["data.text_column"], label_column=v["data.label_column"])
+             text_column=v["data.text_column"], label_column=v["data.label_column"], tta=v["tta"])
     return 0
 
 

@@ -43,6 +43,11 @@ def _multirun() -> bool:
 def hydra_main(cfg: DictConfig) -> float | None:
     logs.configure(verbose=bool(HydraConfig.get().verbose) if HydraConfig.initialized() else False)
     try:
+        if cfg.get("tune") is not None:  # experiment=compare_tuned: many runs, one comparison
+            from ftlab.compare_tuned import run_comparison
+
+            run_comparison(cfg)
+            return None
         # The mean over folds is what sweepers see for cross-validation.
         folds = cfg.data.get("folds") and cfg.data.get("fold") is None
         metrics = run_folds(cfg) if folds else run(cfg)

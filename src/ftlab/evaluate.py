@@ -7,6 +7,7 @@ with ``data.root`` (``train/val/test.{csv,tsv,jsonl}`` or ``<split>/<class>/*.tx
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ftlab.inference import (
 )
 from ftlab.module import classification_metrics
 from ftlab.runs import run_config, run_data_root
+from ftlab.tta import check_tta, hflip_warning, tta_logits
 
 SPLITS = ("test", "val", "train")
 
@@ -228,11 +230,11 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, names: list[str
     return out
 
 
-def default_output(info: dict[str, Any], split: str, data_root: str | None) -> Path:
+def default_output(info: dict[str, Any], split: str, data_root: str | None, tta: str | None = None) -> Path:
     home = Path(info["run_dir"]) if info.get("run_dir") else Path.cwd()
     where = Path(data_root).expanduser().resolve() if data_root else None
     stem = f"{where.stem if where.is_file() else where.name}_{split}" if where else split
-    return home / "eval" / f"{stem}.json"
+    return home / "eval" / f"{stem}{f'_tta_{tta}' if tta else ''}.json"
 
 
 def evaluate(
@@ -245,17 +247,26 @@ def evaluate(
     device: str = "auto",
     text_column: str | None = None,
     label_column: str | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``source`` (run dir, checkpoint or artifact) and write the metrics JSON; returns it.
 
     ``text_column``/``label_column``: text models, the columns of ``data_root``'s CSV/TSV/JSONL files
     (default: the run's ``data.text_column``/``data.label_column``, else text and label).
+    ``tta="hflip"``: image models, the mean of the logits of each image and its mirror image (:mod:`ftlab.tta`).
     """
     if split not in SPLITS:
         raise UserError(f"split={split}: choose one of {', '.join(SPLITS)}")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: must be a positive integer")
+    tta = check_tta(tta, "tta", text=False)  # a bad value fails before the model loads
     net, info = load_predictor(source)
+    tta = check_tta(tta, "tta", text=is_text(info["preprocessing"]))
+    if tta and data_root is None and info.get("run_dir"):
+        cfg = run_config(Path(info["run_dir"]))
+        warning = hflip_warning("tta", OmegaConf.select(cfg, "data.hflip", default=None) if cfg else None)
+        if warning:
+            print(f"ftlab: warning: {warning}", file=sys.stderr)
     dev = pick_device(device)
     net = net.to(dev)
     started = time.perf_counter()
@@ -263,7 +274,8 @@ def evaluate(
         columns = {"text_column": text_column, "label_column": label_column}
         logits, targets, bad, data, note = _text_outputs(net, info, split, data_root, batch_size, dev, columns)
     else:
-        logits, targets, bad, data, note = _image_outputs(net, info, split, data_root, batch_size, num_workers, dev)
+        logits, targets, bad, data, note = _image_outputs(net, info, split, data_root, batch_size, num_workers, dev,
+                                                          tta)
     seconds = time.perf_counter() - started
     result = {
         "source": info["path"],
@@ -272,13 +284,14 @@ def evaluate(
         "model": info["base_model"].get("name"),
         "split": split,
         "data": data,
+        **({"tta": tta} if tta else {}),
         **({"note": note} if note else {}),
         **({"skipped_unreadable": [p for p, _ in bad]} if bad else {}),
         "num_classes": info["num_classes"],
         **compute_metrics(logits, targets, info["class_names"]),
         "seconds": round(seconds, 2),
     }
-    out = Path(output).expanduser() if output else default_output(info, split, data_root)
+    out = Path(output).expanduser() if output else default_output(info, split, data_root, tta)
     write_json(out, result)
     result["output"] = str(out)
     print_eval_summary(result, describe_source(info))
@@ -287,7 +300,7 @@ def evaluate(
 
 def _image_outputs(
     net: torch.nn.Module, info: dict[str, Any], split: str, data_root: str | None, batch_size: int,
-    num_workers: int | str, dev: torch.device,
+    num_workers: int | str, dev: torch.device, tta: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], str, str | None]:
     samples, data, note = eval_samples(info, split, data_root)
     if not samples:
@@ -298,7 +311,7 @@ def _image_outputs(
         for x, idx, unreadable in with_progress(loader, len(loader), f"eval {split}"):
             bad += [(samples[i][0], err) for i, err in unreadable]
             if x is not None:
-                logits.append(net(x.to(dev)).float().cpu())
+                logits.append(tta_logits(net, x.to(dev), tta).float().cpu())
                 targets.append(torch.tensor([samples[i][1] for i in idx]))
     warn_unreadable(bad)
     if not logits:

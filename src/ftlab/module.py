@@ -18,12 +18,17 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ftlab.adapters import adapter_params
+from ftlab.data.imbalance import valid_class_weights
+from ftlab.errors import UserError
 from ftlab.models import build_backbone
 from ftlab.models.head_dropout import set_head_dropout
 from ftlab.speed import to_channels_last
-from ftlab.validate import BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Check
+from ftlab.tta import tta_logits
+from ftlab.validate import BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Check, number
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+# model.layer_decay: null or 1.0 (off), else a factor in (0, 1].
+LAYER_DECAY: Check = (lambda v: v is None or (number(v) and 0 < v <= 1), "null or in (0, 1]")
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -62,6 +67,8 @@ class ClassifierModule(L.LightningModule):
         "label_smoothing": FRACTION,
         "warmup_ratio": FRACTION,
         "freeze_norm_stats": BOOLEAN,
+        "layer_decay": LAYER_DECAY,
+        "class_weights": (valid_class_weights, "null, auto or a list of numbers >= 0, one per class"),
     }
 
     def __init__(
@@ -85,6 +92,8 @@ class ClassifierModule(L.LightningModule):
         head_dropout: float | None = None,
         pooling: str | None = None,
         encoder_dropout: float | None = None,
+        layer_decay: float | None = None,
+        class_weights: Sequence[float] | None = None,
         **method_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -102,11 +111,16 @@ class ClassifierModule(L.LightningModule):
         self.weight_source = backbone.weight_source
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # model.class_weights (ftlab.data.imbalance; `auto` is resolved from the train split by ftlab.train.build):
+        # per-class weights of the training loss. Not persistent: the hyper-parameters hold them.
+        self.register_buffer("class_weight", self._class_weight_tensor(class_weights, num_classes), persistent=False)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
         self.configure_trainable(**method_kwargs)
+        if layer_decay is not None and layer_decay != 1:
+            self.layer_scales()  # a network without block grouping fails here, before any work
 
     # -- what a strategy decides -------------------------------------------------------------
     def configure_trainable(self, **method_kwargs: Any) -> None:
@@ -168,15 +182,47 @@ class ClassifierModule(L.LightningModule):
     # batches then hold the head's input, and only the head runs.
     feature_head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    # Set by the run's test_tta (ftlab.tta): the test stage averages the logits of the image and its mirror.
+    test_tta: str | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feature_head is not None:
             return self.feature_head(x)
         return self.net(to_channels_last(x) if self.channels_last else x)
 
+    # Set by ftlab.train.build from data.mixup / data.cutmix (ftlab.data.mixup.BatchMixup): training batches
+    # are mixed and trained on probability targets.
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _class_weight_tensor(class_weights: Any, num_classes: int) -> torch.Tensor | None:
+        if class_weights is None:
+            return None
+        if isinstance(class_weights, str) or not valid_class_weights(list(class_weights)):
+            raise UserError(f"model.class_weights={class_weights!r}: must be a list of numbers >= 0, one per class "
+                            "(auto is resolved from the train split by a run)")
+        if len(class_weights) != num_classes:
+            raise UserError(f"model.class_weights={list(class_weights)!r}: {len(class_weights)} weights for "
+                            f"{num_classes} classes; give one per class")
+        return torch.tensor([float(w) for w in class_weights])
+
+    def training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with ``model.class_weights``; ``y``: class indices, or probability targets (mixup/cutmix,
+        label smoothing already folded in)."""
+        if y.is_floating_point():
+            return nn.functional.cross_entropy(logits, y, weight=self.class_weight)
+        return nn.functional.cross_entropy(logits, y, weight=self.class_weight,
+                                           label_smoothing=self.hparams.get("label_smoothing", 0.0))
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+            # A mixed sample counts as right when the prediction is its dominant label.
+            y = target.argmax(dim=1)
         logits = self(x)
-        loss = self.criterion(logits, y)
+        loss = self.training_loss(logits, target)
         # update(), not forward(): only the epoch value is logged, so no per-batch accuracy is computed.
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -187,7 +233,7 @@ class ClassifierModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection
     ) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = tta_logits(self, x, self.test_tta if stage == "test" else None)
         loss = self.criterion(logits, y)
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=len(y))
@@ -213,26 +259,58 @@ class ClassifierModule(L.LightningModule):
         self.test_metrics.reset()
 
     # -- optimisation --------------------------------------------------------------------------
+    def layer_scales(self) -> dict[str, tuple[int, float]]:
+        """``model.layer_decay``: (layer index, lr factor) per parameter name (``net.`` prefixed).
+
+        timm's block grouping (``group_matcher(coarse=False)``, as ``timm.optim.param_groups_layer_decay``
+        uses it): layer ``i`` of ``L`` trains at ``layer_decay ** (L - 1 - i)``; the head (timm's last group)
+        at 1. Adapters count in the layer of the module they adapt.
+        """
+        decay = self.hparams.get("layer_decay")
+        matcher = getattr(self.net, "group_matcher", None)
+        if not callable(matcher):
+            raise UserError(f"model.layer_decay={decay}: {self.hparams.get('name')} has no block grouping "
+                            "(a timm group_matcher); use a timm or Hugging Face model, or model.layer_decay=null")
+        from timm.models import group_parameters
+
+        layers = group_parameters(self.net, matcher(coarse=False), reverse=True)
+        last = max(layers.values())
+        head = self.head_name
+        out = {}
+        for name, layer in layers.items():
+            layer = last if name == head or name.startswith(head + ".") else layer
+            out[f"net.{name}"] = (layer, float(decay) ** (last - layer))
+        return out
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """Head/adapters at ``lr``, pretrained weights at ``lr * backbone_lr_mult``; no decay on norms/biases."""
+        """Head/adapters at ``lr``, pretrained weights at ``lr * backbone_lr_mult``; no decay on norms/biases.
+
+        With ``model.layer_decay`` each of these groups is split by depth (timm's block grouping), its lr
+        scaled by ``layer_decay ** (layers below the head)``; group names end in ``_layer<i>``.
+        """
         hp = self.hparams
         new = self.new_parameter_names()
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        decay_on = hp.get("layer_decay") is not None and hp.get("layer_decay") != 1
+        scales = self.layer_scales() if decay_on else {}
+        groups: dict[tuple[str, bool, int], list[nn.Parameter]] = {}
+        factor: dict[int, float] = {}
         include = self.optimizer_parameter_names()
         for name, param in self.named_parameters():
             if name not in include:
                 continue
-            key = ("new" if name in new else "pretrained", param.ndim > 1)
+            layer, scale = scales.get(name, (-1, 1.0))
+            factor[layer] = scale
+            key = ("new" if name in new else "pretrained", param.ndim > 1, layer)
             groups.setdefault(key, []).append(param)
         out = []
-        for (kind, decay), params in sorted(groups.items()):
+        for (kind, decay, layer), params in sorted(groups.items()):
             lr = hp.lr if kind == "new" else hp.lr * hp.backbone_lr_mult
             out.append(
                 {
                     "params": params,
-                    "lr": lr,
+                    "lr": lr * factor[layer],
                     "weight_decay": hp.weight_decay if decay else 0.0,
-                    "name": f"{kind}{'' if decay else '_no_decay'}",
+                    "name": f"{kind}{'' if decay else '_no_decay'}{f'_layer{layer}' if layer >= 0 else ''}",
                 }
             )
         return out

@@ -4,7 +4,8 @@
 directories; the sweep callback (:mod:`ftlab.sweep_summary`) writes the same into every multirun's
 sweep directory. One row per run: method, model, the overrides that differ between runs, trainable
 parameters, test accuracy/F1, fit time, peak memory and artifact size. Failed and incomplete runs are
-rows too, with their status. Cross-validated runs show mean ± std over their folds.
+rows too, with their status. Cross-validated runs show mean ± std over their folds. Runs that differ
+only by seed (``-m seed=0,1,2``) are one row: mean ± std, n and a 95 % interval (:mod:`ftlab.seeds`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from ftlab.errors import UserError
 from ftlab.fileio import atomic_open, write_text
 from ftlab.report_plot import plot_summary
 from ftlab.runs import RunRecord, differing_keys, load_runs
+from ftlab.seeds import aggregate
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 # The selection metric: runs are ranked on validation, never on the test set.
 SELECT_METRIC = "val/acc_best"
 CSV_COLUMNS = (
     "run", "status", "method", "model", "overrides", "params_trainable", "params_trainable_pct",
-    "val/acc_best", "val/acc_best_std", "test/acc", "test/acc_std", "test/f1", "test/f1_std",
-    "fit_seconds", "peak_rss_mb", "artifact_bytes", "folds", "test_on_val", "error", "path",
+    "val/acc_best", "val/acc_best_std", "test/acc", "test/acc_std", "n", "test/acc_ci95_low", "test/acc_ci95_high",
+    "seeds", "test/f1", "test/f1_std", "fit_seconds", "peak_rss_mb", "artifact_bytes", "folds", "test_on_val", "error", "path",
 )
 
 
@@ -68,13 +70,48 @@ def short_override(override: str) -> str:
     return f"{key}{sep}{number:.3g}" if len(value) > 6 and "." in value else override
 
 
+def group_seeds(runs: list[RunRecord]) -> list[tuple[RunRecord, int]]:
+    """(record, number of runs in it): completed runs that differ only by ``seed`` merged into one record.
+
+    A group needs two or more runs with distinct seeds (two runs of the same command stay apart);
+    failed, incomplete and cross-validated runs are never merged. The merged record's metrics are
+    :func:`ftlab.seeds.aggregate`'s, its overrides the shared ones plus ``seed=<a,b,c>``; it stands where
+    its first run stood.
+    """
+    groups: dict[tuple, list[RunRecord]] = {}
+    for i, run in enumerate(runs):
+        if not run.ok or run.metrics.get("folds"):
+            groups[("single", i)] = [run]
+            continue
+        rest = {k: v for k, v in run.override_dict().items() if k != "seed"}
+        groups.setdefault((run.method, run.model, tuple(sorted(rest.items()))), []).append(run)
+    out: list[tuple[RunRecord, int]] = []
+    for members in groups.values():
+        seeds = [m.override_dict().get("seed") for m in members]
+        if len(members) < 2 or len(set(seeds)) < len(seeds):
+            out += [(m, 1) for m in members]
+            continue
+        first = members[0]
+        metrics = aggregate([m.metrics for m in members], seeds=[s if s is not None else "default" for s in seeds])
+        overrides = [o for o in first.overrides if parse_key(o) != "seed"]
+        overrides.append("seed=" + ",".join(str(s) for s in metrics["seeds"]))
+        out.append((RunRecord(first.path, "ok", metrics, overrides), len(members)))
+    return out
+
+
+def parse_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
 def build_rows(runs: list[RunRecord]) -> list[Row]:
-    keys = [k for k in differing_keys(runs) if k != "method"]
+    records = group_seeds(runs)
+    keys = [k for k in differing_keys([r for r, _ in records]) if k != "method"]
     rows = []
-    for run in runs:
+    for run, n in records:
         overrides = run.override_dict()
         shown = [f"{k}={overrides[k]}" for k in keys if k in overrides]
-        rows.append(Row(run, run.path.name, shown, index=len(rows) + 1))
+        name = run.path.name if n == 1 else f"{run.path.name} +{n - 1}"
+        rows.append(Row(run, name, shown, index=len(rows) + 1))
     return rows
 
 
@@ -105,6 +142,11 @@ def human_bytes(n: Any) -> str:
     return ""
 
 
+def _interval(row: Row) -> str:
+    low, high = row.get("test/acc_ci95_low"), row.get("test/acc_ci95_high")
+    return f"{low:.4f} – {high:.4f}" if isinstance(low, (int, float)) and isinstance(high, (int, float)) else ""
+
+
 def _status(row: Row) -> str:
     status = row.run.status
     return f"{status}: {row.run.error}" if row.run.error and status != "ok" else status
@@ -116,14 +158,14 @@ def _md_cell(text: str) -> str:
 
 def markdown_table(rows: list[Row], title: str) -> str:
     header = ["#", "run", "method", "model", "overrides", "trainable", "% trainable", "val/acc_best",
-              "test/acc", "test/f1", "fit s", "peak RSS MB", "artifact", "status"]
+              "test/acc", "n", "test/acc 95 % CI", "test/f1", "fit s", "peak RSS MB", "artifact", "status"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             str(r.index), r.name, r.run.method, r.run.model, " ".join(r.short_overrides),
             f"{r.get('params_trainable'):,}" if isinstance(r.get("params_trainable"), int) else "",
             _num(r.get("params_trainable_pct"), 2), _mean_std(r, "val/acc_best"), _mean_std(r, "test/acc"),
-            _mean_std(r, "test/f1"), _num(r.get("fit_seconds"), 1), _num(r.get("peak_rss_mb"), 0),
+            str(r.get("n") or ""), _interval(r), _mean_std(r, "test/f1"), _num(r.get("fit_seconds"), 1), _num(r.get("peak_rss_mb"), 0),
             human_bytes(r.get("artifact_bytes")), _status(r),
         ]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
@@ -134,6 +176,10 @@ def markdown_table(rows: list[Row], title: str) -> str:
                      f"({best.label}) = {best.get(SELECT_METRIC):.4f}.")
     if any(r.get("test_on_val") for r in rows):
         notes.append("Runs without a test/ split report test metrics on their validation split.")
+    if any(r.get("seeds") for r in rows):
+        notes.append("Runs that differ only by seed are one row (`seed=a,b,c`, n runs): mean ± sample standard "
+                     "deviation over the seeds; the 95 % CI of test/acc is Student's t, mean ± t(0.975, n−1)·std/√n; "
+                     "fit s is the mean, peak RSS the largest.")
     if any(r.get("folds") for r in rows):
         notes.append("Cross-validated runs: mean ± sample standard deviation over folds; fit s is the sum.")
     not_ok = [r for r in rows if not r.run.ok]
@@ -153,7 +199,7 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
         for key in CSV_COLUMNS:
             if key not in values:
                 value = r.get(key)
-                values[key] = "" if value is None else value
+                values[key] = "" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
         out.append(values)
     return out
 

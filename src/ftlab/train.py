@@ -25,19 +25,49 @@ from ftlab.artifacts import write_artifacts
 from ftlab.callbacks import NonFiniteGuard
 from ftlab.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from ftlab.data import feature_cache
+from ftlab.data.imbalance import resolve_class_weights
+from ftlab.data.mixup import build_mixup
 from ftlab.distributed import is_sharded, trainer_adjustments, unsharded_copy
 from ftlab.errors import RunInterrupted
 from ftlab.fileio import write_json
 from ftlab.module import ClassifierModule
 from ftlab.speed import SPEED_KEYS, apply_speed_options, keep_determinism_cheap
 from ftlab.tb_hparams import log_hparams
+from ftlab.tta import run_tta
 from ftlab.validate import validate
 
 log = logging.getLogger(__name__)
 
 
+def _reset_peak_memory() -> None:
+    """Start this run's peak-memory count now, so runs sharing a process (a multirun, a cross-validation,
+    ``experiment=compare_tuned``) each report their own peak. Linux resets the peak RSS through
+    ``/proc/self/clear_refs``; elsewhere the peak stays the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _peak_rss_mb() -> float:
+    """Peak resident memory since :func:`_reset_peak_memory` (Linux ``VmHWM``), else the process's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_gpu_mb() -> float | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -50,6 +80,18 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def model_arguments(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """What the model's config lacks: the classes, and ``model.class_weights`` resolved (``auto``: inverse class
+    frequency of the train split), so the checkpoints' hyper-parameters record the weights that were used."""
+    classes = datamodule.discover()
+    out: dict[str, Any] = {"num_classes": len(classes), "class_names": classes}
+    weights = OmegaConf.select(cfg, "model.class_weights", default=None)
+    if weights is not None:
+        weights = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
+        out["class_weights"] = resolve_class_weights(weights, datamodule.train_labels(), classes)
+    return out
+
+
 def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[Any, ClassifierModule, L.Trainer]:
     """The data module, model and Trainer of one configuration, as ``python -m ftlab`` runs them.
 
@@ -60,7 +102,9 @@ def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
     classes = datamodule.discover()
-    model = instantiate(cfg.model, num_classes=len(classes), class_names=classes, _convert_="all")
+    model = instantiate(cfg.model, **model_arguments(cfg, datamodule), _convert_="all")
+    # data.mixup / data.cutmix: the module mixes its training batches (ftlab.data.mixup).
+    model.mixup = build_mixup(datamodule, len(classes), float(model.hparams.get("label_smoothing") or 0.0))
     datamodule.set_preprocessing(model.data_config)
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -88,9 +132,11 @@ def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
 def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit and test one configuration; return the metrics written to ``metrics.json``."""
     validate(cfg)
+    _reset_peak_memory()
     output_dir = Path(cfg.paths.output_dir)
     # Before any work: a missing or unsafe resume checkpoint is reported at once.
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    test_tta = run_tta(cfg)
     datamodule, model, trainer = build(cfg, extra_callbacks)
     classes = datamodule.classes
     method = _method_name(model)
@@ -119,6 +165,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     test_metrics: dict[str, Any] = {}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        model.test_tta = test_tta  # test_tta=hflip: the test stage averages the logits of image and mirror
         results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
                                weights_only=True)
         test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
@@ -129,7 +176,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         if is_sharded(trainer):
             # FSDP holds shards in memory; the best checkpoint holds the full weights.
             source = unsharded_copy(trainer, lambda: instantiate(
-                cfg.model, num_classes=len(classes), class_names=classes, _convert_="all"))
+                cfg.model, **model_arguments(cfg, datamodule), _convert_="all"))
         if source is not None:
             artifacts = write_artifacts(source, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
 
@@ -149,6 +196,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         **artifacts,
         "fit_seconds": round(fit_seconds, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_gpu_mb": _peak_gpu_mb(),
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,

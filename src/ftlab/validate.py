@@ -61,6 +61,7 @@ PRECISIONS = ("32-true", "32", 32, "16-mixed", "bf16-mixed", "16-true", "bf16-tr
 # key -> (check, what it must be). A key the chosen method/data/callbacks lack is skipped.
 CHECKS: dict[str, Check] = {
     "seed": (integer, "an integer"),
+    "test_tta": (lambda v: v is None or v == "hflip", "null or hflip"),
     # trainer
     "trainer.max_epochs": (lambda v: v is None or (integer(v) and (v == -1 or v > 0)), "> 0 (or -1)"),
     "trainer.min_epochs": (lambda v: v is None or (integer(v) and v >= 0), "null or an integer >= 0"),
@@ -84,6 +85,20 @@ CHECKS: dict[str, Check] = {
     "callbacks.step_checkpoint.every_n_steps": (lambda v: v is None or (integer(v) and v >= 0),
                                                 "null or an integer >= 0 (0: off)"),
     "callbacks.early_stopping.patience": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
+    # experiment=compare_tuned (its method list and search spaces: ftlab.compare_tuned.check_tune)
+    "tune.trials": POSITIVE_INT,
+    "tune.epochs": POSITIVE_INT,
+    "tune.startup_trials": NON_NEGATIVE_INT,
+    "tune.sampler_seed": (integer, "an integer"),
+    "tune.seeds": POSITIVE_INT,
+    "tune.final_epochs": (lambda v: v is None or (integer(v) and v > 0), "null or a positive integer"),
+    "tune.metric": (lambda v: isinstance(v, str) and v.startswith("val/"),
+                    "a validation metric (val/...): the test split is never used to choose"),
+    "callbacks.ema.decay": (lambda v: number(v) and 0 < v < 1, "in (0, 1)"),
+    "callbacks.ema.warmup": (lambda v: isinstance(v, bool), "true or false"),
+    "callbacks.ema.update_every_n_steps": (lambda v: integer(v) and v > 0, "a positive integer"),
+    "callbacks.ema.update_starting_at_step": (lambda v: v is None or (integer(v) and v >= 0),
+                                              "null or an integer >= 0"),
 }
 
 

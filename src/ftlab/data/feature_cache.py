@@ -123,6 +123,9 @@ def _listing(names: Sequence[str], limit: int = 3) -> str:
 
 def why_not(datamodule: Any, model: Any, trainer: L.Trainer | None = None) -> str | None:
     """Why cached features would train differently from the images (None: they would not)."""
+    mixing = [f"data.{k}={getattr(datamodule, k)}" for k in ("mixup", "cutmix") if getattr(datamodule, k, 0)]
+    if mixing:
+        return f"{' and '.join(mixing)} mix the images of every batch; use data.mixup=0 data.cutmix=0"
     if datamodule.augment != "none":
         return f"data.augment={datamodule.augment} changes the images every epoch; use data.augment=none"
     head = f"net.{model.head_name}."
@@ -165,15 +168,15 @@ class FeatureCache(L.Callback):
         return split in CACHED_SPLITS and self.trainer.state.fn == TrainerFn.FITTING
 
     def loader(self, split: str, images: Dataset, batch_size: int, sampler: Sampler | None = None,
-               collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
-        """The split's loader over cached features: the same batch size and sampler as over ``images``
-        (``collate_fn``: how the data module batches its samples, e.g. padding texts)."""
+               collate_fn: Callable[[list[Any]], Any] | None = None, drop_last: bool = False) -> DataLoader:
+        """The split's loader over cached features: the same batch size, sampler and ``drop_last`` as over
+        ``images`` (``collate_fn``: how the data module batches its samples, e.g. padding texts)."""
         if split not in self.datasets:
             self.datasets[split] = self.extract(split, images, batch_size, collate_fn)
         # In memory: worker processes would only add pickling.
         loader_cls = ResumableLoader if split == "train" else DataLoader
         return loader_cls(self.datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
-                          num_workers=0, collate_fn=_batch_as_is, drop_last=False)
+                          num_workers=0, collate_fn=_batch_as_is, drop_last=drop_last)
 
     def extract(self, split: str, images: Dataset, batch_size: int,
                 collate_fn: Callable[[list[Any]], Any] | None = None) -> FeatureDataset:

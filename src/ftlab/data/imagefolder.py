@@ -16,10 +16,12 @@ from ftlab.data.folds import check_fold_args, stratified_fold
 from ftlab.data.image_cache import cached_datasets
 from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
 from ftlab.data.images import ImageListDataset, Sample, list_classes, scan_split
+from ftlab.data.imbalance import SAMPLERS
+from ftlab.data.mixup import check_mixup_args
 from ftlab.data.transforms import AUGMENT_PRESETS, eval_transform, train_transform
 from ftlab.data.workers import CAN_FORK, resolve_workers
 from ftlab.errors import UserError
-from ftlab.validate import BOOLEAN, POSITIVE_INT, WORKERS, Check, integer, number, one_of
+from ftlab.validate import BOOLEAN, NON_NEGATIVE, POSITIVE_INT, WORKERS, Check, integer, number, one_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,12 @@ class ImageFolderDataModule(SplitDataModule):
         "on_bad_image": one_of(*BAD_IMAGE_POLICIES),
         "cache": BOOLEAN,
         "cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+        "sampler": one_of(*SAMPLERS),
+        "drop_last": BOOLEAN,
+        "mixup": NON_NEGATIVE,
+        "cutmix": NON_NEGATIVE,
+        "mixup_prob": (lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
+        "mixup_switch_prob": (lambda v: number(v) and 0 <= v <= 1, "in [0, 1]"),
     }
 
     def __init__(
@@ -66,6 +74,12 @@ class ImageFolderDataModule(SplitDataModule):
         on_bad_image: str = "error",
         cache: bool = False,
         cache_features: bool | str = "auto",
+        sampler: str = "shuffle",
+        drop_last: bool = True,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
     ) -> None:
         super().__init__()
         if augment not in AUGMENT_PRESETS:
@@ -98,6 +112,18 @@ class ImageFolderDataModule(SplitDataModule):
         check_fold_args(folds, fold)
         self.folds = folds
         self.fold = fold
+        # data.sampler=balanced: classes drawn equally often (ftlab.data.imbalance); data.drop_last: no short
+        # last train batch (ftlab.data.base).
+        if sampler not in SAMPLERS:
+            raise UserError(f"data.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        self.sampler = sampler
+        self.drop_last = drop_last
+        # Mixup/CutMix on training batches (ftlab.data.mixup; ftlab.train hands the mixer to the module).
+        check_mixup_args(mixup, cutmix, batch_size)
+        self.mixup = mixup
+        self.cutmix = cutmix
+        self.mixup_prob = mixup_prob
+        self.mixup_switch_prob = mixup_switch_prob
         self.classes: list[str] = []
         self.preprocessing: dict[str, Any] | None = None
         self.test_on_val = False

@@ -10,9 +10,10 @@ own permutation exactly where training stopped.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -21,12 +22,30 @@ class ResumableSampler(DistributedSampler):
 
     It subclasses :class:`DistributedSampler` so that Lightning uses it as is under DDP instead of
     wrapping it (a wrapper would pad the shortened resumed epoch with repeated samples).
+
+    ``weights`` (one per sample, ``data.sampler=balanced``): instead of a permutation, each epoch draws
+    ``len(dataset)`` indices (rounded up to a multiple of the ranks) with replacement, sample ``i`` with
+    probability proportional to ``weights[i]``, from a generator seeded ``seed + epoch``. Every rank makes
+    the same draw and keeps every ``num_replicas``-th index from position ``rank``: its own share, as the
+    permutation is shared out, and a resumed epoch continues the same draw.
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, weights: Sequence[float] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self._resume: tuple[int, int] | None = None
+        if weights is not None and len(weights) != len(dataset):
+            raise ValueError(f"one weight per sample: {len(weights)} weights for {len(dataset)} samples")
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices of the whole current epoch (``self.epoch``)."""
+        if self.weights is None:
+            return list(DistributedSampler.__iter__(self))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
+        return drawn[self.rank:self.total_size:self.num_replicas].tolist()
 
     def resume(self, epoch: int, skip: int) -> None:
         """Make the next pass epoch ``epoch`` of the shuffle, minus its first ``skip`` samples (this rank)."""
@@ -39,8 +58,7 @@ class ResumableSampler(DistributedSampler):
             # Lightning may create the iterator before it calls set_epoch(): the resumed epoch wins once.
             self.epoch, skip = self._resume
             self._resume = None
-        indices = list(super().__iter__())
-        return iter(indices[skip:])
+        return iter(self.epoch_indices()[skip:])
 
 
 class ShardSampler(DistributedSampler):

@@ -39,11 +39,12 @@ from typing import Any, ClassVar
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from ftlab.data.base import SplitDataModule
 from ftlab.data.feature_cache import check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
+from ftlab.data.imbalance import SAMPLERS
 from ftlab.data.resumable import ResumableSampler
 from ftlab.data.workers import resolve_workers
 from ftlab.errors import UserError
@@ -61,6 +62,8 @@ FILE_FORMATS = {"csv": ",", "tsv": "\t", "jsonl": None}
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIX = ".txt"
 LIST_AT_MOST = 10  # bad texts named in the skip warning
+# data.mixup / data.cutmix exist for text data only to say they do not apply.
+TEXT_NO_MIXING: Check = (lambda v: v == 0, "0 (mixup and cutmix mix images; this is text data)")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (decoded with surrogateescape)
 
 
@@ -315,13 +318,15 @@ class LengthGroupedSampler(ResumableSampler):
 
     Each epoch takes this rank's shuffled indices, sorts every window of ``group_batches`` batches by
     length, cuts it into batches and shuffles the full batches (seed + epoch). Only the epoch's last batch
-    can be short, and it stays last, so the loader's batches are exactly these groups and a resumed epoch
-    (which skips whole batches) continues the same order.
+    can be short, and it stays last, so the loader's batches are exactly these groups (``data.drop_last``
+    drops just that one) and a resumed epoch (which skips whole batches) continues the same order.
+    ``weights`` (``data.sampler=balanced``) regroup the class-balanced draw instead of the permutation.
     """
 
     def __init__(self, dataset: Sequence[Any], lengths: Sequence[int], batch_size: int, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0, group_batches: int = 50) -> None:
-        super().__init__(dataset, num_replicas, rank, seed=seed, shuffle=True)
+                 rank: int = 0, seed: int = 0, group_batches: int = 50,
+                 weights: Sequence[float] | None = None) -> None:
+        super().__init__(dataset, num_replicas, rank, seed=seed, shuffle=True, weights=weights)
         if len(lengths) != len(dataset):
             raise ValueError("one length per sample")
         self.lengths = list(lengths)
@@ -333,8 +338,7 @@ class LengthGroupedSampler(ResumableSampler):
         if self._resume is not None:
             self.epoch, skip = self._resume
             self._resume = None
-        indices = list(DistributedSampler.__iter__(self))
-        return iter(self.grouped(indices)[skip:])
+        return iter(self.grouped(self.epoch_indices())[skip:])
 
     def grouped(self, indices: list[int]) -> list[int]:
         bs, window = self.batch_size, self.batch_size * self.group_batches
@@ -368,6 +372,10 @@ class TextDataModule(SplitDataModule):
         "pad_to_multiple_of": (lambda v: v is None or (integer(v) and v > 0), "null or a positive integer"),
         "group_by_length": BOOLEAN,
         "cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+        "sampler": one_of(*SAMPLERS),
+        "drop_last": BOOLEAN,
+        "mixup": TEXT_NO_MIXING,
+        "cutmix": TEXT_NO_MIXING,
     }
 
     def __init__(
@@ -387,8 +395,17 @@ class TextDataModule(SplitDataModule):
         folds: int | None = None,
         fold: int | None = None,
         cache_features: bool | str = False,
+        sampler: str = "shuffle",
+        drop_last: bool = True,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ) -> None:
         super().__init__()
+        for key, value in (("mixup", mixup), ("cutmix", cutmix)):
+            if value:
+                raise UserError(f"data.{key}={value}: mixup and cutmix mix images; this is text data (use 0)")
+        if sampler not in SAMPLERS:
+            raise UserError(f"data.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if source not in SOURCES:
             raise UserError(f"data.source={source!r}: choose one of {', '.join(SOURCES)}")
         if on_bad_text not in BAD_TEXT_POLICIES:
@@ -411,6 +428,9 @@ class TextDataModule(SplitDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         # Batches of similar-length texts (LengthGroupedSampler): less padding, same resumable order.
         self.group_by_length = bool(group_by_length)
+        # data.sampler=balanced (ftlab.data.imbalance) and data.drop_last, as for images (ftlab.data.base).
+        self.sampler = sampler
+        self.drop_last = drop_last
         self.folds = folds
         self.fold = fold
         # What ftlab.data.feature_cache reads: texts are never augmented, so a frozen encoder (method=linear
@@ -632,7 +652,7 @@ class TextDataModule(SplitDataModule):
     def train_sampler(self, dataset: Dataset, world: int, rank: int) -> ResumableSampler:
         if self.group_by_length:
             return LengthGroupedSampler(dataset, [len(i) for i in dataset.ids], self.batch_size, world, rank,
-                                        seed=self.seed)
+                                        seed=self.seed, weights=self.sample_weights(dataset))
         return super().train_sampler(dataset, world, rank)
 
     def loader_options(self) -> dict[str, Any]:
