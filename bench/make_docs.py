@@ -94,6 +94,13 @@ the whole encoder; what LoRA skips is the gradients of the frozen weights themse
 state.
 Reference accuracies on the same split (TF-IDF + logistic regression, and a linear probe on frozen
 MiniLM embeddings) come from `python -m ftlab.baselines`."""),
+    "cost_growth": ("Cost growth: more images, bigger images", """\
+`bench/cost_growth.py`: how fit time and peak memory grow, for `method=lora` on `data=fashion_mnist`
+(EfficientNet-Lite0), one epoch per point, each point a complete `python -m ftlab` run in a fresh
+process (`fit_seconds` and `peak_rss_mb` from its `metrics.json`): 1,000 / 3,000 / 10,000 training
+images at 64 px, and 64 / 128 / 224 px at 1,000 images. Validation is fixed at 500 images, so a
+point's fit time is one training epoch plus one validation pass. Multiply by `trainer.max_epochs` to
+predict a run; `--method full` measures full fine-tuning."""),
     "default_run": ("The default experiment", """\
 `bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults) timed from
 start to exit in a child process; then the same configuration under Lightning's SimpleProfiler, its
@@ -115,7 +122,7 @@ not this file. -->
 
 # Performance
 
-`make bench` runs the benchmark suite in `bench/` (about 12 minutes on 2 CPU cores) and prints a table
+`make bench` runs the benchmark suite in `bench/` (about 16 minutes on 2 CPU cores) and prints a table
 of measured ratios beside their targets; each script also runs alone (`python bench/overhead.py`).
 The results land in `bench/results/<name>.json` plus `summary.md`, and
 `make bench ARGS="--only overhead,lora_vs_full"` picks some. Every ratio is measured side by side in
@@ -191,6 +198,16 @@ def details(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         target = f" (target {r['target']})" if r["target"] else ""
         lines.append(f"- {r['metric']}: **{_fmt(r['value'])}**{target}. {r['detail']}".rstrip())
+    points = result.get("config", {}).get("points")
+    if points:
+        lines += ["", "| training images | image size | fit s (1 epoch) | s per 1,000 images | peak RSS MiB |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['train_images']:,} | {p['image_size']} px | {p['fit_seconds']:.1f} | "
+                  f"{1000 * p['fit_seconds'] / p['train_images']:.1f} | {p['peak_rss_mb']:.0f} |"
+                  for p in points if p["series"] == "train_images" or p["image_size"] != points[0]["image_size"]]
+    plot = result.get("config", {}).get("plot")
+    if plot:
+        lines += ["", f"![{result['name']}](img/{plot})"]
     breakdown = result.get("config", {}).get("breakdown_seconds")
     if breakdown:
         total = sum(breakdown.values()) or 1.0
@@ -231,6 +248,13 @@ def render(results_dir: Path) -> str:
 def write_doc(results_dir: Path = DEFAULT_RESULTS, out: Path = DEFAULT_DOC) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(results_dir))
+    # Plots the results name (config.plot) go beside the page, under img/.
+    measured, _ = load_results(results_dir)
+    for result in measured.values():
+        plot = result.get("config", {}).get("plot")
+        if plot and (results_dir / plot).is_file():
+            (out.parent / "img").mkdir(exist_ok=True)
+            (out.parent / "img" / plot).write_bytes((results_dir / plot).read_bytes())
     return out
 
 

@@ -409,7 +409,7 @@ def recommend(rows: Sequence[dict[str, Any]]) -> list[str]:
     if small:
         pick = max(small, key=lambda r: r["test/acc"])
         lines.append(f"Best under 1 % trainable parameters: {pick['method']} ({acc(pick)}, "
-                     f"{pick['params_trainable_pct']:.2f} % trainable).")
+                     f"{pick['params_trainable_pct']:.3g} % trainable).")
     else:
         lines.append("Best under 1 % trainable parameters: none (every method trains 1 % of the parameters or more).")
     close = [r for r in done if r["test/acc"] >= best["test/acc"] - ONE_POINT - 1e-12
