@@ -344,3 +344,29 @@ def test_an_interrupted_check_keeps_what_it_decoded(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(image_check, "image_problem", lambda p: calls.append(p) or real(p))
     _start(root)
     assert sorted(calls) == sorted(p for p in _images(root) if os.path.relpath(p, root) not in kept)
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+def test_under_ddp_only_local_rank_0_decodes(tmp_path: Path) -> None:
+    """A real two-process DDP run: Lightning's rank 1 re-runs the command and reads the parent's answers."""
+    import subprocess
+    import sys
+
+    from helpers import ONE_THREAD_ENV, TINY_MODEL
+
+    root = _data(tmp_path, per_class=9)
+    env = {**os.environ, **ONE_THREAD_ENV, "FTLAB_OUTPUT_DIR": str(tmp_path / "outputs"),
+           "FTLAB_DATA_DIR": str(tmp_path / "data")}
+    env.pop("LOCAL_RANK", None)
+    args = ["data=imagefolder", f"data.root={root}", "data.batch_size=4", *TINY_MODEL, "trainer=ddp",
+            "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=1", "data.num_workers=0",
+            "method=full", "logger=none"]
+    proc = subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+    n = len(_images(root))
+    assert f"image check: {n} of {n} images to decode" in proc.stderr, proc.stderr[-4000:]
+    assert f"image check (local rank 1): 0 of {n} images to decode" in proc.stderr, proc.stderr[-4000:]
+    assert (root / CACHE_NAME).is_file()

@@ -305,6 +305,8 @@ def _wait_and_read(paths: Sequence[str], cache: CheckCache) -> dict[str, str | N
             results[path] = entry[2]
         else:
             todo.append(path)
+    log.info("image check (local rank %d): %d of %d images to decode, the rest read from %s",
+             local_rank(), len(todo), len(paths), cache.path)
     results.update(zip(todo, _decode(todo), strict=True))
     return results
 
