@@ -346,6 +346,24 @@ def test_an_interrupted_check_keeps_what_it_decoded(tmp_path: Path, monkeypatch:
     assert sorted(calls) == sorted(p for p in _images(root) if os.path.relpath(p, root) not in kept)
 
 
+def test_a_long_check_writes_its_progress(tmp_path: Path, decodes: Decodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _data(tmp_path)
+    sizes: list[int] = []
+    real_save = CheckCache.save
+
+    def save(self: CheckCache, entries: dict) -> None:
+        sizes.append(len(entries))
+        real_save(self, entries)
+
+    monkeypatch.setattr(CheckCache, "save", save)
+    monkeypatch.setattr(image_check, "SAVE_EVERY_S", -1.0)  # a save after every decode
+    monkeypatch.setattr(image_check, "THREADS", 1)
+    _start(root)
+    n = len(_images(root))
+    # Written after the first decode already (later saves are spaced out by ten times a save's duration).
+    assert sizes[0] == 1 and sizes[-1] == n and sizes == sorted(sizes)
+
+
 @pytest.mark.slow
 @pytest.mark.cli
 def test_under_ddp_only_local_rank_0_decodes(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ class CheckCache:
         return key if os.path.isabs(key) else self._prefix + key
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
-        """One warning per problem (``what``: read or write) and cache."""
+        """One warning per problem (``what``: reading, or writing one path) and cache."""
         if what not in self._warned:
             self._warned.add(what)
             log.warning(message, *args)
@@ -209,7 +209,7 @@ class CheckCache:
             except OSError as exc:
                 fallback = self._fallback_path()
                 moved = fallback is not None and self.path != fallback
-                self._warn_once("write", "%s: could not write the image-check cache (%s)%s", self.path, exc,
+                self._warn_once(f"write {self.path}", "%s: could not write the image-check cache (%s)%s", self.path, exc,
                                 f"; writing it to {fallback}" if moved else "; the next start checks every image")
                 self.path = fallback if moved else None
 
@@ -256,6 +256,7 @@ def _check_and_remember(paths: Sequence[str], cache: CheckCache) -> dict[str, st
     log.info("image check: %d of %d images to decode (%d remembered in %s)",
              len(todo), len(paths), len(paths) - len(todo), cache.path)
     last_save = time.monotonic()
+    every = SAVE_EVERY_S
     done = 0
     try:
         for (path, key, stat), why in zip(todo, _decode([t[0] for t in todo]), strict=True):
@@ -263,9 +264,12 @@ def _check_and_remember(paths: Sequence[str], cache: CheckCache) -> dict[str, st
             done += 1
             if stat is not None:
                 entries[key] = (stat[0], stat[1], why, stat[1] >= started - RACY_NS)
-            if time.monotonic() - last_save > SAVE_EVERY_S:
+            if time.monotonic() - last_save > every:
+                t0 = time.monotonic()
                 cache.save(entries)
                 last_save = time.monotonic()
+                # A big cache takes a while to write: at most a tenth of the check goes into progress saves.
+                every = max(SAVE_EVERY_S, 10 * (last_save - t0))
     finally:
         # Also when interrupted: the next start resumes from what was decoded.
         if done or entries.keys() != known.keys():
