@@ -53,7 +53,7 @@ def make_images(root: Path, count: int) -> Path:
 
 def _options(parser: Any) -> None:
     parser.add_argument("--images", type=int, default=10_000, help="images in the generated folder")
-    parser.add_argument("--rounds", type=int, default=2, help="first/second start pairs")
+    parser.add_argument("--rounds", type=int, default=3, help="first/second start pairs")
 
 
 def main() -> None:

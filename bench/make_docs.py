@@ -68,9 +68,9 @@ noise of the uncached epoch. Test accuracy must not change ([data.md](data.md#fr
 images (10 classes, 48-160 px, half JPEG, half PNG, dated an hour back). The data module is built from the
 shipped `data=imagefolder` config and its `discover()` (scan, check, split: what a run does with its files
 before the model is built) is timed at the first start, which finds no cache and decodes every image, and
-at the second, which reads `<root>/.ftlab-image-check.json` and decodes none (counted), twice each; the scan
-alone (`data.check_images=false`) is the floor. What is left at the second start is the walk over the
-folders, one `stat` per file and reading the JSON ([data.md](data.md#the-image-check-and-its-cache))."""),
+at the second, which reads `<root>/.ftlab-image-check.json` and decodes none (counted), three times each;
+the scan alone (`data.check_images=false`) is the floor. What is left at the second start is the walk over
+the folders, one `stat` per file and reading the JSON ([data.md](data.md#the-image-check-and-its-cache))."""),
     "data_pipeline": ("Data pipeline", """\
 `bench/data_pipeline.py`: the train loader's images/s (decode and transform, a full epoch per timed
 call, persistent workers already started, `data.num_workers=auto`: one worker on 2 cores) at 64 px

@@ -21,11 +21,10 @@ from helpers import make_imagefolder
 
 
 class Decodes:
-    """Counts calls of the decode function (per thread), wrapping the real one."""
+    """Records calls of the decode function, wrapping the real one."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.paths: list[str] = []
-        self.by_thread: dict[str, int] = {}
         self._lock = threading.Lock()
         real = image_check.image_problem
 
