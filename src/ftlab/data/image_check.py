@@ -15,7 +15,7 @@ atomically, so runs starting together never see half a file (the last writer win
 same file-system clock tick would keep its size and mtime (git's "racily clean" entries).
 
 Several processes on one machine (DDP ranks): the data module checks before the process group exists, so
-the wait is on the file. Local rank 0 checks and writes (every :data:`SAVE_EVERY_S` seconds while it runs,
+the wait is on the file. Local rank 0 checks and writes (at least :data:`SAVE_EVERY_S` seconds apart while it runs,
 and at the end); the other ranks read the file until it answers for every one of their images, then decode
 only what it cannot vouch for. If the file stops changing for :data:`WAIT_STALL_S` seconds they check the
 rest themselves.
