@@ -63,6 +63,14 @@ A cached epoch no longer runs the backbone at all: what is left is Lightning's l
 (optimizer step, logging, metric and checkpoint hooks) and the two 13.7 MB checkpoints (best and last)
 every epoch writes so a run can resume. That fixed cost bounds the speed-up, so the ratio moves with the
 noise of the uncached epoch. Test accuracy must not change ([data.md](data.md#frozen-backbone-feature-cache))."""),
+    "check_cache": ("Image-check cache", """\
+`bench/check_cache.py`: the start-up cost of the upfront image check on a generated folder of 10,000 small
+images (10 classes, 48-160 px, half JPEG, half PNG, dated an hour back). The data module is built from the
+shipped `data=imagefolder` config and its `discover()` (scan, check, split: what a run does with its files
+before the model is built) is timed at the first start, which finds no cache and decodes every image, and
+at the second, which reads `<root>/.ftlab-image-check.json` and decodes none (counted), three times each;
+the scan alone (`data.check_images=false`) is the floor. What is left at the second start is the walk over
+the folders, one `stat` per file and reading the JSON ([data.md](data.md#the-image-check-and-its-cache))."""),
     "data_pipeline": ("Data pipeline", """\
 `bench/data_pipeline.py`: the train loader's images/s (decode and transform, a full epoch per timed
 call, persistent workers already started, `data.num_workers=auto`: one worker on 2 cores) at 64 px

@@ -37,6 +37,8 @@ BAD = [
     (["data.num_workers=-1"], "data.num_workers=-1"),
     (["data.augment=heavy"], "data.augment='heavy'"),
     (["data.on_bad_image=ignore"], "data.on_bad_image='ignore': must be one of error, skip"),
+    (["data.check_cache=maybe"], "data.check_cache='maybe': must be true or false"),
+    (["data.check_cache_dir=''"], "data.check_cache_dir='': must be null or a folder"),
     (["seed=abc"], "seed='abc': must be an integer"),
     (["trainer.precision=17"], "trainer.precision=17"),
     (["trainer.devices=0"], "trainer.devices=0"),

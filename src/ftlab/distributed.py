@@ -82,6 +82,21 @@ def install_child_command() -> None:
             log.debug("%s has no _hydra_subprocess_cmd; DDP children use Lightning's command", name)
 
 
+# Where launchers put a process's index among the processes of its machine (Lightning's launcher and
+# torchrun: LOCAL_RANK; SLURM: SLURM_LOCALID; IBM jsrun: JSM_NAMESPACE_LOCAL_RANK).
+_LOCAL_RANK_ENV = ("LOCAL_RANK", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")
+
+
+def local_rank() -> int:
+    """This process's index on its machine, read from the launcher's environment (0 when not launched as one
+    of several). Usable before the process group is up, which is when the data module scans its files."""
+    for key in _LOCAL_RANK_ENV:
+        value = os.environ.get(key, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def release_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

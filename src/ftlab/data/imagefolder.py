@@ -14,7 +14,7 @@ from ftlab.data.digits import materialize_digits
 from ftlab.data.feature_cache import check_cache_features
 from ftlab.data.folds import check_fold_args, stratified_fold
 from ftlab.data.image_cache import cached_datasets
-from ftlab.data.image_check import BAD_IMAGE_POLICIES, screen
+from ftlab.data.image_check import BAD_IMAGE_POLICIES, CheckCache, screen
 from ftlab.data.images import ImageListDataset, Sample, list_classes, scan_split
 from ftlab.data.imbalance import SAMPLERS
 from ftlab.data.mixup import check_mixup_args
@@ -46,6 +46,8 @@ class ImageFolderDataModule(SplitDataModule):
         "hflip": BOOLEAN,
         "check_images": BOOLEAN,
         "on_bad_image": one_of(*BAD_IMAGE_POLICIES),
+        "check_cache": BOOLEAN,
+        "check_cache_dir": (lambda v: v is None or (isinstance(v, str) and bool(v.strip())), "null or a folder"),
         "cache": BOOLEAN,
         "cache_features": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
         "sampler": one_of(*SAMPLERS),
@@ -80,6 +82,8 @@ class ImageFolderDataModule(SplitDataModule):
         cutmix: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        check_cache: bool = True,
+        check_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if augment not in AUGMENT_PRESETS:
@@ -102,6 +106,10 @@ class ImageFolderDataModule(SplitDataModule):
         self.crop_scale = tuple(crop_scale)
         self.seed = seed
         self.check = check_images
+        # Remember what the check found (ftlab.data.image_check.CheckCache): beside the data when the folder
+        # is writable, else under check_cache_dir (the configs: the output root's image_check/).
+        self.check_cache = check_cache
+        self.check_cache_dir = check_cache_dir
         # Decode every image once in setup and serve samples from memory (ftlab.data.image_cache).
         self.cache = cache
         # Train the head on the frozen backbone's outputs, computed once (ftlab.data.feature_cache);
@@ -174,7 +182,8 @@ class ImageFolderDataModule(SplitDataModule):
     ) -> tuple[list[Sample], dict[str, list[Sample]]]:
         """Apply data.on_bad_image to every split at once (one warning for the whole tree)."""
         splits = {"train": train, **given}
-        kept = set(screen([s for samples in splits.values() for s in samples], self.on_bad_image))
+        cache = CheckCache(self.root, self.check_cache_dir) if self.check_cache else None
+        kept = set(screen([s for samples in splits.values() for s in samples], self.on_bad_image, cache))
         if len(kept) == sum(len(v) for v in splits.values()):
             return train, given
         out = {name: [s for s in samples if s in kept] for name, samples in splits.items()}
