@@ -58,3 +58,13 @@ class GradualUnfreezing(ClassifierModule):
 
     def artifact_prefixes(self) -> list[str] | None:
         return None  # the backbone ends up fully trained: the artifact is the whole model
+
+    def checkpoint_keys(self) -> set[str] | None:
+        # Until the backbone first unfreezes only the head has trained (the schedule never freezes again):
+        # checkpoints leave the pretrained base out, as a linear probe's do. From then on they are whole.
+        head = self.head_name
+        backbone_trains = any(p.requires_grad for n, p in self.net.named_parameters()
+                              if not (n == head or n.startswith(head + ".")))
+        if backbone_trains or self.stages_unfrozen(self.current_epoch) > 0:
+            return None
+        return self.keys_beside_base(ClassifierModule.artifact_prefixes(self))
