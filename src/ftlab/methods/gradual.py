@@ -6,7 +6,7 @@ trains exactly the parameters the interrupted one would have (no callback state 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ftlab.errors import UserError
 from ftlab.methods.groups import backbone_groups, head_names, set_trainable
@@ -48,8 +48,16 @@ class GradualUnfreezing(ClassifierModule):
         names = [n for g in self.groups[len(self.groups) - k:] for n in g] if k else []
         set_trainable(self.net, names + head_names(self.net, self.head_name))
 
+    # The latest epoch that has started training (in this process, or in the run a checkpoint resumes).
+    _started_epoch = -1
+
     def on_train_epoch_start(self) -> None:
+        self._started_epoch = max(self._started_epoch, self.current_epoch)
         self.apply_schedule(self.current_epoch)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._started_epoch = max(self._started_epoch, int(checkpoint.get("epoch", 0)))
 
     def optimizer_parameter_names(self) -> set[str]:
         # Every parameter is in the optimizer from the start (frozen ones get no gradient, so AdamW skips
@@ -65,6 +73,6 @@ class GradualUnfreezing(ClassifierModule):
         head = self.head_name
         backbone_trains = any(p.requires_grad for n, p in self.net.named_parameters()
                               if not (n == head or n.startswith(head + ".")))
-        if backbone_trains or self.stages_unfrozen(self.current_epoch) > 0:
+        if backbone_trains or self.stages_unfrozen(max(self._started_epoch, 0)) > 0:
             return None
         return self.keys_beside_base(ClassifierModule.artifact_prefixes(self))
