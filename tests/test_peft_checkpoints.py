@@ -195,3 +195,27 @@ def test_gradual_checkpoints_are_peft_until_the_backbone_unfreezes(compose_cfg, 
     assert resumed["state_dict"].keys() == straight["state_dict"].keys()
     for key, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
+
+
+def test_gradual_rebuilds_the_base_once_its_backbone_has_trained(tmp_path: Path) -> None:
+    """The test stage may load a best.ckpt of a frozen epoch into a model whose backbone has since trained."""
+    from ftlab.methods import GradualUnfreezing
+
+    base = make_base_weights(tmp_path / "base.safetensors")
+    module = GradualUnfreezing(num_classes=3, source="timm", name="test_resnet", pretrained=False,
+                               checkpoint=str(base), freeze_epochs=1, unfreeze="all", epochs_per_stage=1)
+    original = {k: v.clone() for k, v in module.state_dict().items()}
+    best = {"state_dict": dict(original)}
+    module.on_save_checkpoint(best)  # epoch 0: the head alone trains
+    assert BASE_KEY in best and set(best["state_dict"]) < set(original)
+    module._started_epoch = 1  # the backbone unfreezes and trains
+    module.apply_schedule(1)
+    with torch.no_grad():
+        for param in module.net.parameters():
+            param.add_(1.0)
+    whole = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(whole)
+    assert BASE_KEY not in whole
+    module.restore_base(best, "best.ckpt")
+    module.load_state_dict(best["state_dict"], strict=True)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in original.items())

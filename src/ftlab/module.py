@@ -385,7 +385,17 @@ class ClassifierModule(L.LightningModule):
 
     def restore_base(self, checkpoint: dict[str, Any], origin: str) -> bool:
         """Complete a PEFT checkpoint's weights with this model's frozen base, after checking its sha256."""
-        return restore_base(checkpoint, self.state_dict(), self.base_fingerprint, origin)
+        source = self if self.base_intact() else self.fresh_copy()
+        return restore_base(checkpoint, source.state_dict(), source.base_fingerprint, origin)
+
+    def base_intact(self) -> bool:
+        """Whether the frozen tensors still hold the base (``gradual`` trains them once it unfreezes)."""
+        return True
+
+    def fresh_copy(self) -> ClassifierModule:
+        """The module as built from its hyper-parameters, base and all (the global random state is kept)."""
+        with torch.random.fork_rng(devices=[]):
+            return type(self)(**self.hparams)
 
     # -- reporting -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

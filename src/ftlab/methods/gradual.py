@@ -67,12 +67,16 @@ class GradualUnfreezing(ClassifierModule):
     def artifact_prefixes(self) -> list[str] | None:
         return None  # the backbone ends up fully trained: the artifact is the whole model
 
-    def checkpoint_keys(self) -> set[str] | None:
-        # Until the backbone first unfreezes only the head has trained (the schedule never freezes again):
-        # checkpoints leave the pretrained base out, as a linear probe's do. From then on they are whole.
+    def base_intact(self) -> bool:
+        # Until the backbone first unfreezes only the head has trained (the schedule never freezes again).
         head = self.head_name
         backbone_trains = any(p.requires_grad for n, p in self.net.named_parameters()
                               if not (n == head or n.startswith(head + ".")))
-        if backbone_trains or self.stages_unfrozen(max(self._started_epoch, 0)) > 0:
+        return not backbone_trains and self.stages_unfrozen(max(self._started_epoch, 0)) == 0
+
+    def checkpoint_keys(self) -> set[str] | None:
+        # Checkpoints of the frozen epochs leave the pretrained base out, as a linear probe's do; later ones are
+        # whole. Loading one of the former after unfreezing (the test stage's best.ckpt) rebuilds the base.
+        if not self.base_intact():
             return None
         return self.keys_beside_base(ClassifierModule.artifact_prefixes(self))
