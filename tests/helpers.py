@@ -17,6 +17,18 @@ TINY_MODEL = ["model=timm", "model.name=test_resnet", "model.pretrained=false", 
 FAST_TRAINER = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0"]
 
 
+def make_base_weights(path: Path, seed: int = 0) -> Path:
+    """The tiny network's weights in a file, for ``model.checkpoint=``: a base that can be rebuilt (as pretrained
+    weights can), so PEFT runs write checkpoints without it (ftlab.base_weights)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(path))
+    return path
+
+
 def make_imagefolder(
     root: Path,
     classes: tuple[str, ...] = ("cat", "dog", "fox"),

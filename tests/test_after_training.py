@@ -140,6 +140,8 @@ def test_predict_skips_a_corrupt_file(run_dir: Path, tmp_path: Path, capsys: pyt
 def test_eval_from_run_dir_and_checkpoint_agree(run_dir: Path, tmp_path: Path) -> None:
     from_run = evaluate(str(run_dir), num_workers=0)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
+    # A PEFT checkpoint (the base is in a file): eval rebuilds the frozen base and checks its sha256.
+    assert "ftlab_base" in torch.load(ckpt, map_location="cpu", weights_only=True)
     from_ckpt = evaluate(str(ckpt), output=str(tmp_path / "e.json"), num_workers=0)
     assert from_run["output"] == str(run_dir / "eval" / "test.json")
     assert (from_run["source_kind"], from_ckpt["source_kind"]) == ("adapter", "checkpoint")

@@ -15,7 +15,7 @@ import torch
 
 from ftlab.checkpoints import AtomicCheckpointIO
 from ftlab.train import run
-from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_imagefolder
+from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_base_weights, make_imagefolder
 
 # 26 train images / batch 4 = 6 full batches, so 6 steps per epoch (data.drop_last drops the short 7th); a step
 # checkpoint every 5 steps never falls on an epoch end before step 30, so the first one is mid-epoch.
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VOLATILE = {"fit_seconds", "peak_rss_mb", "output_dir", "best_checkpoint", "data"}
 
 
-def _overrides(root: Path, *extra: str) -> list[str]:
+def _overrides(root: Path, *extra: str, method: str = "full") -> list[str]:
     return ["data=imagefolder", f"data.root={root}", "data.batch_size=4", *TINY_MODEL, *FAST_TRAINER,
-            "method=full", "model.lr=0.01", "logger=none", f"trainer.max_epochs={EPOCHS}",
+            f"method={method}", "model.lr=0.01", "logger=none", f"trainer.max_epochs={EPOCHS}",
             f"callbacks.step_checkpoint.every_n_steps={EVERY}", *extra]
 
 
@@ -51,9 +51,12 @@ def _kill_after_first_step_checkpoint(args: list[str], run_dir: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(compose_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(compose_cfg, tmp_path: Path, method: str) -> None:
     root = make_imagefolder(tmp_path / "imgs", per_class=10, splits=("train", "test"))
-    args = _overrides(root, "data.augment=none")
+    # LoRA on a base in a file (as pretrained weights are): its checkpoints hold only what trains.
+    peft = [f"model.checkpoint={make_base_weights(tmp_path / 'base.safetensors')}"] if method == "lora" else []
+    args = _overrides(root, "data.augment=none", *peft, method=method)
     crashed = tmp_path / "crashed"
     _kill_after_first_step_checkpoint(args, crashed, tmp_path)
 
@@ -76,10 +79,18 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(compose_cfg,
         name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         for name in ("crashed", "straight")
     }
+    assert final["crashed"]["state_dict"].keys() == final["straight"]["state_dict"].keys()
     for key, value in final["straight"]["state_dict"].items():
         if value.is_floating_point():
             resumed_value = final["crashed"]["state_dict"][key]
             torch.testing.assert_close(resumed_value, value, rtol=1e-4, atol=1e-5, msg=key)
+    if method == "lora":
+        # Resumed from a checkpoint without the base (the kill left one), on the same base, bit for bit.
+        assert "ftlab_base" in ckpt and "ftlab_base" in final["crashed"]
+        assert final["crashed"]["ftlab_base"] == final["straight"]["ftlab_base"] == ckpt["ftlab_base"]
+        assert not any(k in ckpt["ftlab_base"]["frozen"] for k in final["straight"]["state_dict"])
+        for key, value in final["straight"]["state_dict"].items():
+            assert torch.equal(final["crashed"]["state_dict"][key], value), key
 
 
 def test_same_seed_same_metrics(compose_cfg, tmp_path: Path) -> None:

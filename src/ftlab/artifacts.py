@@ -33,6 +33,16 @@ BASE_KEYS = ("source", "name", "pretrained", "weights", "checkpoint")
 MODEL_KEYS = ("pooling", "encoder_dropout")
 
 
+def base_rebuildable(base: dict[str, Any]) -> bool:
+    """Whether the frozen base weights can be re-created from ``base`` (model keys or a ``base_model`` record):
+    pretrained weights from their source, or a local weights file; a random initialisation is in no file."""
+    if base.get("checkpoint"):
+        return True
+    if not base.get("pretrained"):
+        return False
+    return base.get("source") != "torchvision" or bool(base.get("weights"))
+
+
 def rebuild_backbone(
     base: dict[str, Any], num_classes: int, pretrained: bool = False, weights: str | None = None,
     checkpoint: str | None = None,

@@ -9,7 +9,8 @@ start here, so class names and preprocessing always travel with the weights.
   (base model + adapter: the base is rebuilt from the yaml, the adapter applied on top);
 - a Lightning checkpoint, read with ``torch.load(weights_only=True)``: the module class comes from the run's
   ``.hydra/config.yaml`` when the file sits in ``<run>/checkpoints/``, else from the ``ftlab`` entry that
-  :meth:`ftlab.module.ClassifierModule.on_save_checkpoint` writes into every checkpoint.
+  :meth:`ftlab.module.ClassifierModule.on_save_checkpoint` writes into every checkpoint. A PEFT checkpoint
+  (``ftlab_base`` entry, :mod:`ftlab.base_weights`) gets its frozen base rebuilt and checked by sha256.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ftlab.adapters import CONFIG_KEY, load_adapter
-from ftlab.artifacts import rebuild_backbone
+from ftlab.artifacts import base_rebuildable, rebuild_backbone
+from ftlab.base_weights import BASE_KEY
 from ftlab.data.images import readable_image_loader
 from ftlab.data.transforms import eval_transform
 from ftlab.errors import UserError
@@ -90,15 +92,6 @@ def _is_adapter_file(path: Path) -> bool:
             return CONFIG_KEY in (f.metadata() or {})
     except Exception as exc:
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def base_rebuildable(base: dict[str, Any]) -> bool:
-    """Whether the frozen base weights of an adapter can be re-created (they are not in the adapter file)."""
-    if base.get("checkpoint"):
-        return True
-    if not base.get("pretrained"):
-        return False
-    return base.get("source") != "torchvision" or bool(base.get("weights"))
 
 
 def _from_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -181,12 +174,20 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             )
     cls = _module_class(str(target), path)
     hp = dict(ckpt["hyper_parameters"])
-    # Every tensor is in the state dict: build without pretrained weights (no download, no base file).
-    module = cls(**{**hp, "pretrained": False, "checkpoint": None})
+    if BASE_KEY in ckpt:
+        # A PEFT checkpoint holds what trained: the frozen base is built from its source, as in training.
+        try:
+            module = cls(**hp)
+        except UserError as exc:
+            raise UserError(f"{path}: holds only the trained tensors and its base cannot be built ({exc})") from None
+        module.restore_base(ckpt, str(path))
+    else:
+        # Every tensor is in the state dict: build without pretrained weights (no download, no base file).
+        module = cls(**{**hp, "pretrained": False, "checkpoint": None})
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        detail = str(exc).splitlines()[0][:300]
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]
         raise UserError(f"{path}: state dict does not fit {target} ({detail})") from None
     pre = saved.get("preprocessing")
     if not pre and run_dir is not None:

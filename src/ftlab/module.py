@@ -7,6 +7,7 @@ parameters exist and train (:meth:`configure_trainable`) and which of them are n
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -17,7 +18,9 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from ftlab.adapters import adapter_params
+from ftlab.adapters import adapter_params, adapter_state_keys
+from ftlab.artifacts import BASE_KEYS, base_rebuildable
+from ftlab.base_weights import BaseFingerprint, describe_base, drop_base, restore_base
 from ftlab.data.imbalance import valid_class_weights
 from ftlab.errors import UserError
 from ftlab.models import build_backbone
@@ -25,6 +28,8 @@ from ftlab.models.head_dropout import set_head_dropout
 from ftlab.speed import to_channels_last
 from ftlab.tta import tta_logits
 from ftlab.validate import BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Check, number
+
+log = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 # model.layer_decay: null or 1.0 (off), else a factor in (0, 1].
@@ -118,6 +123,9 @@ class ClassifierModule(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
+        # The frozen base's sha256 for PEFT checkpoints (ftlab.base_weights), each tensor hashed once.
+        self.base_fingerprint = BaseFingerprint()
+        self._base_logged = False
         self.configure_trainable(**method_kwargs)
         if layer_decay is not None and layer_decay != 1:
             self.layer_scales()  # a network without block grouping fails here, before any work
@@ -322,6 +330,36 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_keys(self) -> set[str] | None:
+        """The state-dict keys a training checkpoint stores; ``None``: all of them.
+
+        A method whose frozen weights are the pretrained base stores what its artifact holds (adapters,
+        PiSSA residuals, head, trained pretrained tensors, re-estimated norm statistics) and leaves the base
+        to be rebuilt from its source (:mod:`ftlab.base_weights`).
+        """
+        return self.keys_beside_base(self.artifact_prefixes())
+
+    def keys_beside_base(self, prefixes: list[str] | None) -> set[str] | None:
+        """:meth:`checkpoint_keys` from artifact prefixes (``None``: the whole network). Checkpoints stay whole
+        when the base is in no file (``model.pretrained=false``) and under FSDP (sharded state dicts)."""
+        if prefixes is None or not base_rebuildable(self.hparams):
+            return None
+        if self._trainer is not None:
+            from ftlab.distributed import is_sharded
+
+            if is_sharded(self._trainer):
+                return None
+        state = self.net.state_dict()
+        keys = set(adapter_state_keys(self.net, prefixes, state))
+        keys |= {n for n, p in self.net.named_parameters() if p.requires_grad}
+        # A re-estimated norm layer's batch count changes with its statistics.
+        keys |= {k[: -len("running_mean")] + "num_batches_tracked" for k in keys if k.endswith(".running_mean")}
+        return {f"net.{k}" for k in keys if k in state} | {k for k in self.state_dict() if not k.startswith("net.")}
+
+    def base_record(self) -> dict[str, Any]:
+        """Where the frozen base comes from, as a PEFT checkpoint names it."""
+        return {**{k: self.hparams.get(k) for k in BASE_KEYS}, "weight_source": self.weight_source}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint copied out of its run directory still names its class and preprocessing
         # (plain types only, so it loads with torch.load(weights_only=True)); see ftlab.inference.
@@ -331,6 +369,33 @@ class ClassifierModule(L.LightningModule):
             "target": f"{type(self).__module__}.{type(self).__qualname__}",
             "preprocessing": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in pre.items()},
         }
+        keys = self.checkpoint_keys()
+        if keys is None:
+            return
+        record = drop_base(checkpoint, keys, self.state_dict(), self.base_record(), self.base_fingerprint)
+        if record is not None and not self._base_logged:
+            self._base_logged = True
+            log.info("checkpoints hold the %d trained tensors; the frozen base (%d tensors, sha256 %s) is rebuilt "
+                     "from %s when loading", len(checkpoint["state_dict"]), len(record["frozen"]),
+                     record["sha256"][:16], describe_base(record))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        origin = self._trainer.ckpt_path if self._trainer is not None else None
+        self.restore_base(checkpoint, str(origin or "checkpoint"))
+
+    def restore_base(self, checkpoint: dict[str, Any], origin: str) -> bool:
+        """Complete a PEFT checkpoint's weights with this model's frozen base, after checking its sha256."""
+        source = self if self.base_intact() else self.fresh_copy()
+        return restore_base(checkpoint, source.state_dict(), source.base_fingerprint, origin)
+
+    def base_intact(self) -> bool:
+        """Whether the frozen tensors still hold the base (``gradual`` trains them once it unfreezes)."""
+        return True
+
+    def fresh_copy(self) -> ClassifierModule:
+        """The module as built from its hyper-parameters, base and all (the global random state is kept)."""
+        with torch.random.fork_rng(devices=[]):
+            return type(self)(**self.hparams)
 
     # -- reporting -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

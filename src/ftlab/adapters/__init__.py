@@ -26,7 +26,8 @@ a plain pretrained state dict loads into an adapted model without any key remapp
 - ``merge_adapters(model) -> list[str]``: fold every adapter into its base layer; class and keys return
   to the plain model's (SSF on a bias-less layer adds a ``bias``).
 - ``adapter_params(model) -> dict[str, Parameter]``, ``mark_trainable(model, extra=()) -> int``.
-- ``adapter_state_dict(model, extra_prefixes=())``, ``adapter_config(model)``,
+- ``adapter_state_dict(model, extra_prefixes=())`` (``adapter_state_keys``: its keys, no copies),
+  ``adapter_config(model)``,
   ``save_adapter(model, path, extra_prefixes=(), metadata=None) -> int`` (bytes),
   ``load_adapter(model, path_or_state_dict, strict=True, config=None) -> list[str]`` (safetensors only;
   PiSSA files also carry the residual base weights), ``peft_to_ftlab_keys`` / ``ftlab_to_peft_keys``
@@ -47,6 +48,7 @@ from ftlab.adapters.state import (
     CONFIG_KEY,
     adapter_config,
     adapter_state_dict,
+    adapter_state_keys,
     apply_adapter_config,
     ftlab_to_peft_keys,
     load_adapter,
@@ -66,6 +68,7 @@ __all__ = [
     "adapter_config",
     "adapter_params",
     "adapter_state_dict",
+    "adapter_state_keys",
     "apply_adapter_config",
     "apply_lora",
     "apply_ssf",

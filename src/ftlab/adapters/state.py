@@ -43,13 +43,25 @@ def adapter_state_dict(model: nn.Module, extra_prefixes: str | Iterable[str] = (
     weight) and every parameter/buffer under ``extra_prefixes`` (module paths, e.g. the classifier head,
     or BatchNorm layers whose running statistics were re-estimated).
     """
-    prefixes = normalise_prefixes(extra_prefixes)
     full = model.state_dict()
+    keys = adapter_state_keys(model, extra_prefixes, full)
+    # Copies, so the result neither aliases live parameters nor shares storage (safetensors refuses that).
+    return {k: full[k].detach().to("cpu", copy=True).contiguous() for k in keys}
+
+
+def adapter_state_keys(
+    model: nn.Module, extra_prefixes: str | Iterable[str] = (), state: Mapping[str, Any] | None = None
+) -> list[str]:
+    """The state-dict keys :func:`adapter_state_dict` holds, in order, without copying any tensor.
+
+    ``state``: ``model.state_dict()`` when the caller already has it.
+    """
+    prefixes = normalise_prefixes(extra_prefixes)
+    full = model.state_dict() if state is None else state
     check_prefixes_exist(full, prefixes, "adapter_state_dict")
     keys = [_join(name, rel) for name, layer in adapter_layers(model) for rel in layer.adapter_state_keys()]
     keys += [k for k in full if any(under_prefix(k, p) for p in prefixes)]
-    # Copies, so the result neither aliases live parameters nor shares storage (safetensors refuses that).
-    return {k: full[k].detach().to("cpu", copy=True).contiguous() for k in dict.fromkeys(keys)}
+    return list(dict.fromkeys(keys))
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:

@@ -6,7 +6,7 @@ trains exactly the parameters the interrupted one would have (no callback state 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ftlab.errors import UserError
 from ftlab.methods.groups import backbone_groups, head_names, set_trainable
@@ -48,8 +48,16 @@ class GradualUnfreezing(ClassifierModule):
         names = [n for g in self.groups[len(self.groups) - k:] for n in g] if k else []
         set_trainable(self.net, names + head_names(self.net, self.head_name))
 
+    # The latest epoch that has started training (in this process, or in the run a checkpoint resumes).
+    _started_epoch = -1
+
     def on_train_epoch_start(self) -> None:
+        self._started_epoch = max(self._started_epoch, self.current_epoch)
         self.apply_schedule(self.current_epoch)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._started_epoch = max(self._started_epoch, int(checkpoint.get("epoch", 0)))
 
     def optimizer_parameter_names(self) -> set[str]:
         # Every parameter is in the optimizer from the start (frozen ones get no gradient, so AdamW skips
@@ -58,3 +66,17 @@ class GradualUnfreezing(ClassifierModule):
 
     def artifact_prefixes(self) -> list[str] | None:
         return None  # the backbone ends up fully trained: the artifact is the whole model
+
+    def base_intact(self) -> bool:
+        # Until the backbone first unfreezes only the head has trained (the schedule never freezes again).
+        head = self.head_name
+        backbone_trains = any(p.requires_grad for n, p in self.net.named_parameters()
+                              if not (n == head or n.startswith(head + ".")))
+        return not backbone_trains and self.stages_unfrozen(max(self._started_epoch, 0)) == 0
+
+    def checkpoint_keys(self) -> set[str] | None:
+        # Checkpoints of the frozen epochs leave the pretrained base out, as a linear probe's do; later ones are
+        # whole. Loading one of the former after unfreezing (the test stage's best.ckpt) rebuilds the base.
+        if not self.base_intact():
+            return None
+        return self.keys_beside_base(ClassifierModule.artifact_prefixes(self))
