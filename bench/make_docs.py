@@ -71,6 +71,14 @@ before the model is built) is timed at the first start, which finds no cache and
 at the second, which reads `<root>/.ftlab-image-check.json` and decodes none (counted), three times each;
 the scan alone (`data.check_images=false`) is the floor. What is left at the second start is the walk over
 the folders, one `stat` per file and reading the JSON ([data.md](data.md#the-image-check-and-its-cache))."""),
+    "checkpoints": ("Checkpoint size", """\
+`bench/checkpoints.py`: every method of the default experiment (EfficientNet-Lite0, digits) built as
+`python -m ftlab` builds it and fitted for two batches, so its checkpoint holds real optimizer state; then
+the checkpoint is saved three times (median) and loaded back as `ftlab eval` loads it. For methods whose
+frozen weights are the pretrained ones, checkpoints hold only what trains, the optimizer state and a hash
+of the base ([reliability.md](reliability.md)); `full` and `partial` (92 % of the weights train) stay
+large. A resumable LoRA checkpoint holds the adapters plus AdamW's two moments for them, about three times
+the adapter file."""),
     "data_pipeline": ("Data pipeline", """\
 `bench/data_pipeline.py`: the train loader's images/s (decode and transform, a full epoch per timed
 call, persistent workers already started, `data.num_workers=auto`: one worker on 2 cores) at 64 px
