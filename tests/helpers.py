@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from ftlab.config import CONFIG_DIR
@@ -101,3 +105,26 @@ def make_textfolder(root: Path, splits: tuple[str, ...] = ("train",)) -> Path:
             for i, text in enumerate(texts[:6] if split == "train" else texts[6:]):
                 (folder / f"{i:02d}.txt").write_text(text + "\n", encoding="utf-8")
     return root
+
+
+def fake_run(path: Path, overrides: list[str], metrics: dict | None = None, error: str | None = None) -> Path:
+    """A run directory as the report tools read it: .hydra/overrides.yaml, and metrics.json or error.txt."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (path / "error.txt").write_text(error + "\n")
+    return path
+
+
+class Crash(L.Callback):
+    """Stop the process when optimizer step ``at`` is about to run, as a crash would (after the step
+    checkpoints of the steps before it)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("crash")

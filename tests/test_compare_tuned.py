@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ftlab.errors import UserError
-from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
+from helpers import FAST_TRAINER, TINY_MODEL, fake_run, make_imagefolder
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "logger=none"]
 
@@ -37,16 +37,6 @@ def test_interval_is_students_t() -> None:
     assert one["mean"] == 0.5 and one["std"] is None and one["ci95_low"] is None
 
 
-def _fake_run(path: Path, overrides: list[str], metrics: dict | None = None, error: str | None = None) -> Path:
-    (path / ".hydra").mkdir(parents=True)
-    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    if metrics is not None:
-        (path / "metrics.json").write_text(json.dumps(metrics))
-    if error is not None:
-        (path / "error.txt").write_text(error + "\n")
-    return path
-
-
 def _metrics(method: str, acc: float, seconds: float, rss: float = 900.0) -> dict:
     return {"method": method, "model": "tiny", "params_total": 1000, "params_trainable": 40,
             "params_trainable_pct": 4.0, "val/acc_best": acc + 0.01, "test/acc": acc, "test/f1": acc - 0.05,
@@ -61,10 +51,10 @@ def test_runs_that_differ_only_by_seed_are_one_row(tmp_path: Path) -> None:
     job = 0
     for method, values in accs.items():
         for seed, acc in enumerate(values):
-            _fake_run(sweep / f"{job}_{method}_tiny", [f"method={method}", f"seed={seed}"],
+            fake_run(sweep / f"{job}_{method}_tiny", [f"method={method}", f"seed={seed}"],
                       _metrics(method, acc, 10.0 + seed, rss=900.0 + 10 * seed))
             job += 1
-    _fake_run(sweep / f"{job}_full_tiny", ["method=full", "seed=2"], error="boom")  # failed: its own row
+    fake_run(sweep / f"{job}_full_tiny", ["method=full", "seed=2"], error="boom")  # failed: its own row
     rows, text = write_summary(sweep)
     csv_rows = _csv(sweep / "summary.csv")
     assert [r["method"] for r in csv_rows] == ["lora", "full", "full"]
@@ -87,8 +77,8 @@ def test_runs_with_the_same_seed_are_not_merged(tmp_path: Path) -> None:
     from ftlab.report import write_summary
 
     for i, acc in enumerate((0.8, 0.9)):  # the same command twice: no seed override in either
-        _fake_run(tmp_path / "runs" / f"run{i}", ["method=lora"], _metrics("lora", acc, 1.0))
-    _fake_run(tmp_path / "runs" / "run2", ["method=lora", "model.lr=0.1", "seed=1"], _metrics("lora", 0.7, 1.0))
+        fake_run(tmp_path / "runs" / f"run{i}", ["method=lora"], _metrics("lora", acc, 1.0))
+    fake_run(tmp_path / "runs" / "run2", ["method=lora", "model.lr=0.1", "seed=1"], _metrics("lora", 0.7, 1.0))
     rows, _ = write_summary(tmp_path / "runs")
     assert [r.get("test/acc") for r in rows] == [0.8, 0.9, 0.7]
     assert all(r.get("n") is None for r in rows)

@@ -14,7 +14,7 @@ from ftlab.callbacks.ema import EMA, ema_update
 from ftlab.errors import UserError
 from ftlab.train import run
 from ftlab.validate import validate
-from helpers import FAST_TRAINER, TINY_MODEL, make_base_weights
+from helpers import FAST_TRAINER, TINY_MODEL, Crash, make_base_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,17 +98,6 @@ def test_ema_on_cached_features_keeps_frozen_statistics(compose_cfg, imagefolder
     rest = [k for k in avg if k.startswith("net.") and k not in head and avg[k].is_floating_point()]
     assert _differs(avg, cur, head)
     assert not _differs(avg, cur, rest)  # frozen weights and frozen running statistics
-
-
-class Crash(L.Callback):
-    """Stop the process mid-epoch, as a crash would (after the step checkpoint of step ``at - 1``)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("crash")
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from ftlab.errors import UserError
-from helpers import FAST_TRAINER, TINY_MODEL, make_imagefolder
+from helpers import FAST_TRAINER, TINY_MODEL, fake_run, make_imagefolder
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
@@ -96,16 +96,6 @@ def test_optuna_search_survives_a_failing_trial_and_saves_the_best(cli, tmp_path
 
 
 # -- the report tool -------------------------------------------------------------------------------
-def _fake_run(path: Path, overrides: list[str], metrics: dict | None = None, error: str | None = None) -> Path:
-    (path / ".hydra").mkdir(parents=True)
-    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    if metrics is not None:
-        (path / "metrics.json").write_text(json.dumps(metrics))
-    if error is not None:
-        (path / "error.txt").write_text(error + "\n")
-    return path
-
-
 def _metrics(method: str, acc: float, trainable: int, seconds: float, **extra: object) -> dict:
     return {"method": method, "model": "tiny", "params_total": 1000, "params_trainable": trainable,
             "params_trainable_pct": 100.0 * trainable / 1000, "val/acc_best": acc + 0.01, "test/acc": acc,
@@ -117,14 +107,14 @@ def test_report_lists_broken_runs_and_rebuilds_the_summary(tmp_path: Path, capsy
     from ftlab.report import main
 
     sweep = tmp_path / "sweep"
-    _fake_run(sweep / "0_full_tiny", ["method=full", "model.lr=0.01", "data=imagefolder"],
+    fake_run(sweep / "0_full_tiny", ["method=full", "model.lr=0.01", "data=imagefolder"],
               _metrics("full", 0.90, 1000, 30.0))
-    _fake_run(sweep / "1_lora_tiny", ["method=lora", "model.lr=0.1", "data=imagefolder"],
+    fake_run(sweep / "1_lora_tiny", ["method=lora", "model.lr=0.1", "data=imagefolder"],
               _metrics("lora", 0.95, 40, 20.0, **{"test/acc_std": 0.01, "folds": 3}))
-    _fake_run(sweep / "2_lora_tiny", ["method=lora", "model.lr=-1", "data=imagefolder"],
+    fake_run(sweep / "2_lora_tiny", ["method=lora", "model.lr=-1", "data=imagefolder"],
               error="model.lr=-1: must be > 0")
-    _fake_run(sweep / "3_ssf_tiny", ["method=ssf", "model.lr=0.1", "data=imagefolder"])  # killed: nothing written
-    broken = _fake_run(sweep / "10_bitfit_tiny", ["method=bitfit", "model.lr=0.1", "data=imagefolder"])
+    fake_run(sweep / "3_ssf_tiny", ["method=ssf", "model.lr=0.1", "data=imagefolder"])  # killed: nothing written
+    broken = fake_run(sweep / "10_bitfit_tiny", ["method=bitfit", "model.lr=0.1", "data=imagefolder"])
     (broken / "metrics.json").write_text('{"method": "bitf')
     (sweep / "0_full_tiny" / "tensorboard").mkdir()  # not a run
 
@@ -157,7 +147,7 @@ def test_report_on_a_folder_without_runs_is_a_one_line_error(tmp_path: Path, cap
 
     # Several folders make one table; the output folder must then be named.
     for name, acc in (("a", 0.8), ("b", 0.9)):
-        _fake_run(tmp_path / name / "run", ["method=full"], _metrics("full", acc, 1000, 1.0))
+        fake_run(tmp_path / name / "run", ["method=full"], _metrics("full", acc, 1000, 1.0))
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
     assert "--out" in capsys.readouterr().err
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")]) == 0

@@ -7,18 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from ftlab.base_weights import BASE_KEY
-from ftlab.checkpoints import check_checkpoint
+from ftlab.checkpoints import check_checkpoint, tensor_bytes
 from ftlab.cli import main as cli_main
 from ftlab.errors import UserError
 from ftlab.inference import load_predictor
 from ftlab.train import run
-from helpers import FAST_TRAINER, TINY_MODEL, make_base_weights
+from helpers import FAST_TRAINER, TINY_MODEL, Crash, make_base_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,14 +32,6 @@ def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 def _logits(net: torch.nn.Module, seed: int = 1) -> torch.Tensor:
@@ -76,9 +67,9 @@ def test_lora_checkpoints_hold_what_trains(compose_cfg, imagefolder: Path, tmp_p
     moments = [s for opt in lora["optimizer_states"] for s in opt["state"].values()]
     assert len(moments) == len(trains)
     # The file is the trained state, not the backbone: much smaller than full fine-tuning's.
-    frozen_bytes = _tensor_bytes({k: v for k, v in full["state_dict"].items() if k in frozen})
+    frozen_bytes = tensor_bytes({k: v for k, v in full["state_dict"].items() if k in frozen})
     size = lora_path.stat().st_size
-    assert size < _tensor_bytes(lora) + frozen_bytes / 2, (size, frozen_bytes)
+    assert size < tensor_bytes(lora) + frozen_bytes / 2, (size, frozen_bytes)
     assert size * 3 < full_path.stat().st_size, (size, full_path.stat().st_size)
     # The test stage used the PEFT best checkpoint, which predicts like the artifact.
     assert metrics["test/acc"] is not None
@@ -160,17 +151,6 @@ def test_pissa_checkpoint_stores_the_residual_it_changed(compose_cfg, imagefolde
     by_ckpt, _ = load_predictor(tmp_path / "run/checkpoints/best.ckpt")
     by_adapter, _ = load_predictor(tmp_path / "run/adapter.safetensors")
     assert torch.equal(_logits(by_ckpt), _logits(by_adapter))
-
-
-class Crash(L.Callback):
-    """Stop the process at optimizer step ``at``, as a crash would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("crash")
 
 
 def test_gradual_checkpoints_are_peft_until_the_backbone_unfreezes(compose_cfg, imagefolder: Path,

@@ -76,15 +76,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             kept = (f"the last good checkpoint {target} is kept" if os.path.exists(target)
                     else "no checkpoint was written")
-            raise disk_full_error(target, _tensor_bytes(checkpoint), kept) from None
+            raise disk_full_error(target, tensor_bytes(checkpoint), kept) from None
 
 
-def _tensor_bytes(obj: Any) -> int:
+def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a (nested) checkpoint dict: about what the file needs."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
+        return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v) for v in obj)
     return 0

