@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,3 +78,28 @@ def disk_full_error(path: str | os.PathLike[str], needed: int | None, kept: str)
     free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
     need = f", about {needed:,} needed" if needed else ""
     return UserError(f"{target}: could not be written, the disk is full ({free:,} bytes free{need}); {kept}")
+
+
+@contextlib.contextmanager
+def atomic_dir(root: str | os.PathLike[str], complete: Callable[[Path], bool], not_complete: str) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (yielded) and rename it to ``root`` when the block ends cleanly,
+    so a process killed half-way never leaves a partial tree. When ``root`` appeared meanwhile (another
+    process finished first) it is kept if ``complete(root)``, else ``"<root>: <not_complete>; remove it to
+    rebuild"`` is the error. The temporary folder never outlives the block."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        # mkdtemp makes the folder private (0700); the tree gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not complete(root):
+                raise UserError(f"{root}: {not_complete}; remove it to rebuild") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ftlab.fileio import atomic_dir
 
 SPLITS = ("train", "val", "test")
 # About 70/15/15, fixed so every run and every machine sees the same split.
@@ -29,7 +29,6 @@ def materialize_digits(root: str | os.PathLike) -> Path:
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     labels = digits.target
@@ -41,20 +40,10 @@ def materialize_digits(root: str | os.PathLike) -> Path:
         stratify=labels[rest],
         random_state=SPLIT_SEED,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    with atomic_dir(root, lambda folder: (folder / "train").is_dir(), "exists but has no train/ folder") as tmp:
         for split, idx in zip(SPLITS, (train, val, test), strict=True):
             for i in idx:
                 folder = tmp / split / str(labels[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process finished first (or a stale folder exists): keep theirs if complete.
-            if not (root / "train").is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root

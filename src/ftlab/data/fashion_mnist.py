@@ -22,8 +22,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from ftlab.data.folds import stratified_fold
 from ftlab.data.imagefolder import ImageFolderDataModule
 from ftlab.data.images import Sample, list_classes, scan_split
 from ftlab.errors import UserError
+from ftlab.fileio import atomic_dir
 from ftlab.packaged import find_packaged
 from ftlab.validate import Check, integer
 
@@ -142,13 +141,7 @@ def materialize_fashion_mnist(root: str | os.PathLike, source: str | os.PathLike
     src = Path(source) if source is not None else source_dir()
     started = time.perf_counter()
     splits = {split: read_split(src, split) for split in FILES}
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        # mkdtemp makes the folder private (0700); the dataset gets the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    with atomic_dir(root, is_complete, f"exists but is not a complete data=fashion_mnist tree (no {MANIFEST})") as tmp:
         for split, (images, labels) in splits.items():
             for folder in CLASS_FOLDERS:
                 (tmp / split / folder).mkdir(parents=True)
@@ -164,16 +157,6 @@ def materialize_fashion_mnist(root: str | os.PathLike, source: str | os.PathLike
                           for split, (_, labels) in splits.items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the tree complete
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process finished first (or a non-empty folder is in the way): keep theirs if complete.
-            if not is_complete(root):
-                raise UserError(f"{root}: exists but is not a complete data=fashion_mnist tree (no {MANIFEST}); "
-                                "remove it to rebuild") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     total = sum(len(labels) for _, labels in splits.values())
     log.info("fashion_mnist: wrote %s images under %s in %.1f s (once)", f"{total:,}", root,
              time.perf_counter() - started)

