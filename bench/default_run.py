@@ -1,16 +1,25 @@
-"""The default experiment (`make train`): its wall time, and where the training time goes.
+"""The default experiment (`make train`): its wall time, where it goes around the fit, and inside it.
 
 First the exact command `make train` runs (`python -m ftlab`, defaults) in a child process, timed
-from start to exit. Then the same configuration again in this process under Lightning's
-SimpleProfiler, whose per-hook durations are grouped into data loading, forward (training_step:
-forward, loss, metrics, logging calls), backward, optimizer (step, gradient clipping, zero_grad,
-scheduler), validation, checkpoint writing, and the rest of the loop (callbacks, progress bar,
-loggers). The default run trains on the digits; nothing is downloaded.
+from start to exit. Its ``metrics.json`` holds the seconds of each phase of the run
+(``phase_seconds``, :mod:`ftlab.timing`): the start-up before the run (interpreter, imports, Hydra),
+checks, data, model, trainer, fit, test, artifacts. The libraries' own cost is measured apart, in
+children that import torch and lightning, then timm, and exit (alternating with the run), so the
+time around the fit splits into the libraries' and ftlab's own:
+``ftlab's own = wall - fit - (import torch, lightning, timm + their teardown at exit)``.
+ftlab's modules are byte-compiled first (as an install does), so no child compiles them.
+
+Then the same configuration again in this process under Lightning's SimpleProfiler, whose per-hook
+durations are grouped into data loading, forward (training_step: forward, loss, metrics, logging
+calls), backward, optimizer (step, gradient clipping, zero_grad, scheduler), validation, checkpoint
+writing, and the rest of the loop (callbacks, progress bar, loggers). The default run trains on the
+digits; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,17 +56,58 @@ def breakdown(durations: dict[str, list[float]], fit_seconds: float) -> dict[str
     return parts
 
 
+# A child that imports what every run imports before ftlab's own code matters, and exits: it prints the
+# seconds since it started after torch + lightning, and after timm (ftlab.timing.process_age).
+LIBRARIES = ("import sys; from ftlab.timing import process_age; import torch, lightning; a = process_age(); "
+             "import timm; print(a, process_age())")
+
+
+def library_seconds() -> dict[str, float]:
+    """One child: its import of torch + lightning, of timm, and the rest of its life (exit, teardown)."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", LIBRARIES], cwd=REPO, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after_lightning, after_timm = (float(v) for v in out.stdout.split())
+    return {"torch+lightning": after_lightning, "timm": after_timm - after_lightning, "teardown": wall - after_timm}
+
+
+def outside_fit(wall: float, phases: dict[str, float], libraries: dict[str, float]) -> dict[str, float]:
+    """ftlab's own seconds outside ``fit``, per part; they add up to wall - fit - the libraries' seconds."""
+    inside = {k: v for k, v in phases.items() if k != "startup"}
+    return {
+        "start-up beyond the imports (interpreter, Hydra, ftlab's modules, config)":
+            phases["startup"] - libraries["torch+lightning"],
+        "checks": inside.get("checks", 0.0),
+        "data (list, materialise, check)": inside.get("data", 0.0),
+        "model build beyond timm's import": inside.get("model", 0.0) - libraries["timm"],
+        "trainer": inside.get("trainer", 0.0),
+        "test": inside.get("test", 0.0),
+        "artifacts": inside.get("artifacts", 0.0),
+        "summary, TensorBoard hparams, exit beyond the libraries' teardown":
+            wall - phases["startup"] - sum(inside.values()) - libraries["teardown"],
+    }
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="ftlab-bench-"))
     extra = TINY_RUN if args.tiny else []
+    # What an install leaves (pip byte-compiles); where PYTHONDONTWRITEBYTECODE is set, every child would
+    # otherwise compile ftlab's sources at its start.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "ftlab")], check=True)
 
+    lib_runs = [library_seconds()]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ftlab", *extra, f"hydra.run.dir={tmp / 'plain'}"], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
+    lib_runs += [library_seconds() for _ in range(2)]
+    libraries = {k: statistics.median(r[k] for r in lib_runs) for k in lib_runs[0]}
     plain = json.loads((tmp / "plain" / "metrics.json").read_text())
+    own = outside_fit(wall, plain["phase_seconds"], libraries)
+    fit_plain = plain["phase_seconds"]["fit"]
+    own_total = sum(own.values())
 
     import lightning as L
     from lightning.pytorch.profilers import SimpleProfiler
@@ -77,13 +127,21 @@ def main() -> None:
     parts = breakdown(grab.durations, metrics["fit_seconds"])
     fit = metrics["fit_seconds"]
     shares = ", ".join(f"{k} {v:.1f} s ({100 * v / fit:.0f}%)" for k, v in parts.items())
+    lib_total = sum(libraries.values())
     rows = [
         row("default run: wall time of `python -m ftlab` (s)", wall, None,
             f"{plain['method']} on {plain['model']}, {plain['epochs']} epochs: fit {plain['fit_seconds']:.1f} s, "
             f"test/acc {plain.get('test/acc', float('nan')):.4f}", args.tiny),
+        row("default run: ftlab's own time outside fit / fit", own_total / fit_plain, "≤ 0.1",
+            f"wall {wall:.1f} s = fit {fit_plain:.1f} + libraries {lib_total:.1f} ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in libraries.items()) + f") + ftlab's own {own_total:.2f}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in own.items()), args.tiny),
         row("default run: profiled fit (s)", fit, None, shares, args.tiny),
     ]
     config = {"breakdown_seconds": {k: round(v, 2) for k, v in parts.items()}, "profiled_run_seconds": round(profiled_wall, 1),
+              "outside_fit_seconds": {k: round(v, 3) for k, v in own.items()},
+              "library_seconds": {k: round(v, 3) for k, v in libraries.items()},
+              "phase_seconds": plain["phase_seconds"], "wall_seconds": round(wall, 2),
               "plain_run": {k: plain.get(k) for k in ("method", "model", "epochs", "fit_seconds", "test/acc", "peak_rss_mb")}}
     write_result("default_run", args.out, rows, config, started)
 

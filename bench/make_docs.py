@@ -50,8 +50,13 @@ costs as much as full fine-tuning ([methods.md](methods.md#where-the-adapters-go
 `bench/adapter_inference.py`: the plain default backbone and LoRA, DoRA and SSF models of it (adapters
 set to non-zero values so no branch can be skipped), each also merged, timed in eval mode without
 gradients, batch 1 (latency) at 224 px, all variants alternating. A merged model is the plain
-architecture, so its ratio is 1 up to noise; the unmerged rows show what the extra branches cost at
-inference. Deploy merged: `merge=true`, or `ftlab export` ([after-training.md](after-training.md#export))."""),
+architecture, so its ratio is 1 up to noise. Unmerged LoRA and DoRA layers run their base layer once
+with the folded weight W + ΔW when they are in eval mode without autograd (validation, test, `ftlab
+predict`), kept until a parameter changes, instead of adding the adapter branch's own convolutions;
+so the unmerged rows should cost what the merged ones do. SSF's unmerged scale and shift remain an
+extra per-channel op.
+Deploy merged all the same (`merge=true`, or `ftlab export`,
+[after-training.md](after-training.md#export)): a plain model needs no ftlab to run."""),
     "feature_cache": ("Feature cache", """\
 `bench/feature_cache.py`: `method=linear` on the digits (EfficientNet-Lite0 at 64 px, batch 32), 4
 epochs, with `data.cache_features=false` and `auto` alternating, two runs each, built and trained as
@@ -119,11 +124,20 @@ point's fit time is one training epoch plus one validation pass. Multiply by `tr
 predict a run; `--method full` measures full fine-tuning."""),
     "default_run": ("The default experiment", """\
 `bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults) timed from
-start to exit in a child process; then the same configuration under Lightning's SimpleProfiler, its
-per-hook durations grouped into data loading, forward (training_step: forward, loss, metrics),
-backward, optimizer (step, gradient clipping, zero_grad, scheduler), validation, checkpoint writing,
+start to exit in a child process. Its `metrics.json` records the seconds of each phase of the run
+(`phase_seconds`: start-up before the run, checks, data, model, trainer, fit, test, artifacts). The
+libraries' own cost is measured apart, in child processes that import torch and lightning, then timm,
+and exit (run before and after the default run, median of three): their imports, and their teardown at
+exit, are the same for any program built on them. What is left is ftlab's own time outside the fit,
+`wall - fit - libraries`, split by phase; the target is at most 10 % of the fit. ftlab's modules are
+byte-compiled first, as an install leaves them.
+
+Then the same configuration under Lightning's SimpleProfiler, its per-hook durations grouped into data
+loading, forward (training_step: forward, loss, metrics), backward, optimizer (step, gradient clipping,
+zero_grad, scheduler), validation (with the sanity check before the first epoch), checkpoint writing,
 and the rest (setup, callbacks, progress bar, loggers). Profile your own runs with
-`trainer.profiler=simple` (or `advanced`, `pytorch`)."""),
+`trainer.profiler=simple` (or `advanced`, `pytorch`); every run's `metrics.json` has its
+`phase_seconds`."""),
     "speed_options": ("Speed options", """\
 `bench/speed_options.py`: `trainer.channels_last=true` (NHWC conv weights and inputs) and
 `trainer.compile=true` (`torch.compile` of the network in place: checkpoint keys and artifacts

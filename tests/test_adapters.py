@@ -575,3 +575,59 @@ def test_ssf_on_groupnorm_and_affine_free_layernorm() -> None:
     assert type(model[3]) is nn.LayerNorm
     assert set(model.state_dict()) == set(base.state_dict()) | {"3.weight", "3.bias"}
     assert rel_err(model(x), expected) < 1e-5
+
+
+# ---------------------------------------------------------------- folded weight in eval without autograd
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "lora_A")]
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "ssf"])
+def test_eval_without_grad_folds_the_weight_and_matches_the_branches(variant: str) -> None:
+    _, model = build(variant)
+    perturb(model)
+    x = inputs(model)
+    branches = model(x).detach()  # autograd on: the adapter branches run
+    assert not any("_ftlab_folded" in m.__dict__ for m in _lora_layers(model))
+    with torch.no_grad():
+        folded = model(x)
+    assert rel_err(folded, branches) < 1e-5
+    layers = _lora_layers(model)
+    assert layers and all("_ftlab_folded" in m.__dict__ for m in layers)
+    # The folded weight is computed once and reused while nothing changes; base weights stay the parameters.
+    kept = [m.__dict__["_ftlab_folded"][1] for m in layers]
+    with torch.no_grad():
+        model(x)
+    assert all(m.__dict__["_ftlab_folded"][1] is k for m, k in zip(layers, kept, strict=True))
+    assert all(isinstance(m.weight, nn.Parameter) for m in layers)
+
+
+def test_folded_weight_follows_every_change_and_training_drops_it() -> None:
+    _, model = build("lora")
+    perturb(model)
+    x = inputs(model)
+    with torch.no_grad():
+        before = model(x)
+        next(iter(adapter_params(model).values())).add_(0.5)  # an optimizer step changes an adapter in place
+        after = model(x)
+    assert rel_err(after, before) > 1e-4
+    assert rel_err(after, model(x).detach()) < 1e-5  # matches the branches after the change
+    state = copy.deepcopy(model.state_dict())
+    perturb(model)
+    model.load_state_dict(state)  # a load copies in place: the fold follows
+    with torch.no_grad():
+        assert rel_err(model(x), after) < 1e-6
+    model.train()
+    model(x)
+    assert not any("_ftlab_folded" in m.__dict__ for m in _lora_layers(model))
+
+
+def test_training_mode_or_autograd_never_folds() -> None:
+    _, model = build("lora")
+    perturb(model)
+    model.train()
+    with torch.no_grad():
+        model(inputs(model))
+    assert not any("_ftlab_folded" in m.__dict__ for m in _lora_layers(model))

@@ -106,18 +106,34 @@ def per_class_figure(acc: np.ndarray, support: np.ndarray, names: Sequence[str])
 
 
 def worst_figure(items: list[tuple[np.ndarray, str, str, float, float]]) -> np.ndarray:
-    """items: (HxWx3 image in [0, 1], true name, predicted name, p(predicted), p(true))."""
+    """items: (HxWxC image in [0, 1], true name, predicted name, p(predicted), p(true)).
+
+    One mosaic image on one Axes, a caption above each tile: a grid of Axes (one per image) draws the
+    same picture at several times the cost, which the test stage of every run would pay.
+    """
     from matplotlib.figure import Figure
 
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
-    fig = Figure(figsize=(2.4 * cols, 2.6 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, (img, true, pred, p_pred, p_true) in zip(axes, items, strict=False):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(f"true: {true} ({p_true:.2f})\npred: {pred} ({p_pred:.2f})", fontsize=8, color="darkred")
+    size = max(max(img.shape[:2]) for img, *_ in items)
+    width, title = 2.4 * cols, 0.35  # inches: the figure's width, and the room for its title
+    gap = max(2, size // 12)  # mosaic pixels between tiles
+    cell_w = size + gap
+    # Room above each tile for its two-line caption: about 0.36 inch at the scale the mosaic is drawn.
+    caption = math.ceil(0.36 * cols * cell_w / width)
+    cell_h = caption + size + gap
+    mosaic = np.ones((rows * cell_h, cols * cell_w, 3))
+    fig = Figure(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + title))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - title / fig.get_figheight()))
+    ax.axis("off")
+    for k, (img, true, pred, p_pred, p_true) in enumerate(items):
+        r, c = divmod(k, cols)
+        top, left = r * cell_h + caption, c * cell_w + gap // 2
+        h, w = img.shape[:2]
+        mosaic[top:top + h, left:left + w] = img[..., :3]  # a 1-channel image broadcasts to grey
+        ax.text(left + w / 2, top - 1, f"true: {true} ({p_true:.2f})\npred: {pred} ({p_pred:.2f})",
+                ha="center", va="bottom", fontsize=8, color="darkred")
+    ax.imshow(mosaic, interpolation="nearest")
     fig.suptitle("most confident test mistakes: true / predicted class (probability)", fontsize=9)
     return _render(fig)
 

@@ -33,6 +33,7 @@ from ftlab.fileio import write_json
 from ftlab.module import ClassifierModule
 from ftlab.speed import SPEED_KEYS, apply_speed_options, keep_determinism_cheap
 from ftlab.tb_hparams import log_hparams
+from ftlab.timing import Phases, startup_seconds
 from ftlab.tta import run_tta
 from ftlab.validate import validate
 
@@ -92,20 +93,33 @@ def model_arguments(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     return out
 
 
-def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[Any, ClassifierModule, L.Trainer]:
+def build(
+    cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = (), phases: Phases | None = None
+) -> tuple[Any, ClassifierModule, L.Trainer]:
     """The data module, model and Trainer of one configuration, as ``python -m ftlab`` runs them.
 
     Seeds first, so building is reproducible. Benchmarks and tests build through here too, so they
-    measure what users run.
+    measure what users run. ``phases`` times the data, model and trainer parts.
     """
+    phases = phases or Phases()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    classes = datamodule.discover()
-    model = instantiate(cfg.model, **model_arguments(cfg, datamodule), _convert_="all")
-    # data.mixup / data.cutmix: the module mixes its training batches (ftlab.data.mixup).
-    model.mixup = build_mixup(datamodule, len(classes), float(model.hparams.get("label_smoothing") or 0.0))
-    datamodule.set_preprocessing(model.data_config)
+    with phases("data"):  # listing, materialising and checking the images or texts
+        datamodule = instantiate(cfg.data, _convert_="all")
+        classes = datamodule.discover()
+    with phases("model"):
+        model = instantiate(cfg.model, **model_arguments(cfg, datamodule), _convert_="all")
+        # data.mixup / data.cutmix: the module mixes its training batches (ftlab.data.mixup).
+        model.mixup = build_mixup(datamodule, len(classes), float(model.hparams.get("label_smoothing") or 0.0))
+        datamodule.set_preprocessing(model.data_config)
+    with phases("trainer"):
+        trainer = _build_trainer(cfg, model, datamodule, extra_callbacks, output_dir)
+    return datamodule, model, trainer
+
+
+def _build_trainer(
+    cfg: DictConfig, model: ClassifierModule, datamodule: Any, extra_callbacks: Sequence[L.Callback], output_dir: Path
+) -> L.Trainer:
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -126,18 +140,21 @@ def build(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     # data.cache_features: with a frozen backbone, run it once per image instead of once per epoch.
     feature_cache.attach(datamodule, model, trainer)
-    return datamodule, model, trainer
+    return trainer
 
 
 def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit and test one configuration; return the metrics written to ``metrics.json``."""
-    validate(cfg)
-    _reset_peak_memory()
-    output_dir = Path(cfg.paths.output_dir)
-    # Before any work: a missing or unsafe resume checkpoint is reported at once.
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    test_tta = run_tta(cfg)
-    datamodule, model, trainer = build(cfg, extra_callbacks)
+    startup = startup_seconds()
+    phases = Phases()
+    with phases("checks"):
+        validate(cfg)
+        _reset_peak_memory()
+        output_dir = Path(cfg.paths.output_dir)
+        # Before any work: a missing or unsafe resume checkpoint is reported at once.
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+        test_tta = run_tta(cfg)
+    datamodule, model, trainer = build(cfg, extra_callbacks, phases)
     classes = datamodule.classes
     method = _method_name(model)
     if trainer.is_global_zero:
@@ -151,7 +168,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     started = time.perf_counter()
     # weights_only=True explicitly: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with phases("fit"):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit:
         # Lightning answers Ctrl-C by shutting down and calling sys.exit(1).
         if trainer.interrupted:
@@ -166,7 +184,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         model.test_tta = test_tta  # test_tta=hflip: the test stage averages the logits of image and mirror
-        results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
+        with phases("test"):
+            results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
                                weights_only=True)
         test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
 
@@ -178,7 +197,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
             source = unsharded_copy(trainer, lambda: instantiate(
                 cfg.model, **model_arguments(cfg, datamodule), _convert_="all"))
         if source is not None:
-            artifacts = write_artifacts(source, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
+            with phases("artifacts"):
+                artifacts = write_artifacts(source, output_dir, datamodule.preprocessing, merge=bool(cfg.get("merge")))
 
     metrics: dict[str, Any] = {
         "method": method,
@@ -203,6 +223,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         "output_dir": str(output_dir),
     }
     metrics["params_trainable_pct"] = round(100.0 * metrics["params_trainable"] / metrics["params_total"], 4)
+    # Seconds per phase of this run so far (ftlab.timing); startup: process start to run, first run only.
+    metrics["phase_seconds"] = {"startup": startup, **phases.rounded()}
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         # One HParams session per run in TensorBoard, with the final numbers.

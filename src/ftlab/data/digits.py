@@ -23,12 +23,13 @@ def materialize_digits(root: str | os.PathLike) -> Path:
     The tree is built in a temporary sibling folder and renamed into place, so a run killed
     half-way never leaves a partial dataset behind. Existing complete trees are left alone.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
+    # Imported only when the tree is written: scikit-learn takes longer to import than the check above.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     labels = digits.target

@@ -6,7 +6,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from ftlab.errors import UserError
 
@@ -39,6 +38,8 @@ def stratified_fold(
             f"of each class in its validation part (use fewer folds)"
         )
     labels = np.array([y for _, y in pool])
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     train_idx, val_idx = list(splitter.split(np.zeros(len(labels)), labels))[fold]
     return [pool[i] for i in train_idx], [pool[i] for i in val_idx]

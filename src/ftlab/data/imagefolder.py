@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sklearn.model_selection import train_test_split
-
 from ftlab.data.base import SplitDataModule
 from ftlab.data.digits import materialize_digits
 from ftlab.data.feature_cache import check_cache_features
@@ -202,6 +200,8 @@ class ImageFolderDataModule(SplitDataModule):
         # At least one image of every class in val, however small the fraction.
         n_val = max(len(self.classes), int(round(self.val_fraction * len(samples))))
         try:
+            from sklearn.model_selection import train_test_split
+
             tr, va = train_test_split(samples, test_size=n_val, stratify=labels, random_state=self.seed)
         except ValueError as exc:
             raise UserError(

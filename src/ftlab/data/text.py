@@ -38,7 +38,6 @@ from typing import Any, ClassVar
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from ftlab.data.base import SplitDataModule
@@ -548,6 +547,8 @@ class TextDataModule(SplitDataModule):
         labels = [y for _, y in samples]
         n_val = max(len(self.classes), int(round(self.val_fraction * len(samples))))
         try:
+            from sklearn.model_selection import train_test_split
+
             tr, va = train_test_split(samples, test_size=n_val, stratify=labels, random_state=self.seed)
         except ValueError as exc:
             raise UserError(
