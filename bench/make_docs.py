@@ -138,12 +138,31 @@ zero_grad, scheduler), validation (with the sanity check before the first epoch)
 and the rest (setup, callbacks, progress bar, loggers). Profile your own runs with
 `trainer.profiler=simple` (or `advanced`, `pytorch`); every run's `metrics.json` has its
 `phase_seconds`."""),
-    "speed_options": ("Speed options", """\
-`bench/speed_options.py`: `trainer.channels_last=true` (NHWC conv weights and inputs) and
-`trainer.compile=true` (`torch.compile` of the network in place: checkpoint keys and artifacts
-unchanged) are off by default. Each is built through ftlab's own `build`, and its training step on the
-default experiment's model (64 px, batch 32) alternates with eager NCHW; compilation happens in the
-warm-up and is reported apart, since a run pays it once. Compiling needs a C compiler on CPU."""),
+    "channels_last": ("Channels-last memory layout", """\
+`bench/channels_last.py`: `trainer.channels_last` stores conv weights and input batches as NHWC. It
+changes the memory layout only: logits and gradients equal NCHW's up to float32 rounding
+(tests/test_speed.py compares both layouts of the same network with a float64 reference); oneDNN sums
+the weight gradients of large early convolutions in another order, so the rounding differs, most under
+full fine-tuning of the stem. The default, `auto`, turns it on for conv nets, i.e. networks with a
+`Conv2d` whose kernel is larger than its stride (ResNet, EfficientNet, MobileNet, ConvNeXt), and leaves
+it off where the only convolution is a patch embedding (kernel = stride: ViT, DeiT, Swin) or there is
+none (text models); the run's log says which at INFO level, and `true`/`false` force it. Per backbone
+family (default method, random weights) the model is built twice through ftlab's `build`, with `auto`
+and with the opposite setting, and their training steps alternate; each row gives NCHW / NHWC step time
+(above 1: NHWC faster) and what `auto` chose. These are CPU figures (oneDNN). On CUDA, NHWC is the
+layout cuDNN's tensor-core convolution kernels use natively, so NCHW pays transposes there; PyTorch's
+[channels-last tutorial](https://pytorch.org/tutorials/intermediate/memory_format_tutorial.html)
+describes this. No GPU was measured for this page."""),
+    "speed_options": ("torch.compile", """\
+`bench/speed_options.py`: `trainer.compile=true` (`torch.compile` of the network in place, so
+checkpoint keys and artifacts are unchanged) against the default (eager, `trainer.channels_last=auto`)
+on the default experiment's model (64 px, batch 32). Each is built through ftlab's own `build`, and
+their training steps alternate. The first compiled step pays the compilation and is reported apart.
+The break-even row gives the number of training steps after which compiling has earned that time back:
+(first compiled step − default step) / (default step − compiled step). Below that many steps (a short
+run, a sweep trial) it costs time; above it, it saves time. Compile stays opt-in because of that
+up-front cost; on CPU it also needs a C compiler. When the compiled step is not faster than the
+default one, the row says so: compiling never pays off at that size."""),
 }
 
 HEADER = """\

@@ -1,20 +1,56 @@
-"""`trainer.channels_last=true` and `trainer.compile=true` vs eager NCHW: training step time.
+"""`trainer.compile=true` vs the default (eager, `trainer.channels_last=auto`): step time and break-even.
 
 The default experiment's model (method, backbone) is built once per option through ftlab's own
 ``build`` (so the options are applied exactly as in a run) and optimizer steps on the same random
-batch alternate between the variants after warm-up. Compilation happens in the warm-up steps and is
-reported separately: it is paid once per run.
+batch alternate between the variants after warm-up. Compilation happens in the first step and is
+reported separately: a run pays it once. From how many steps on it pays off:
+(first compiled step - default step) / (default step - compiled step).
+``trainer.channels_last`` per backbone family is bench/channels_last.py.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
 
 from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, train_step, write_result
 
-VARIANTS = {"eager": [], "channels_last": ["trainer.channels_last=true"], "compile": ["trainer.compile=true"]}
+VARIANTS = {"default": [], "compile": ["trainer.compile=true"]}
+
+
+def break_even_steps(first_compiled: float, default_step: float, compiled_step: float) -> float:
+    """Training steps after which compiling has saved its compilation time; inf if it never does."""
+    saved = default_step - compiled_step
+    return (first_compiled - default_step) / saved if saved > 0 else math.inf
+
+
+def first_steps(variants: dict[str, list[str]], base: list[str], size: int, batch: int, tmp: Path) -> tuple[dict, dict]:
+    """Each variant's step function and the seconds of its first call (the compiling one, for compile)."""
+    steps, first = {}, {}
+    for name, extra in variants.items():
+        cfg = compose([*base, *extra, f"data.image_size={size}", "data.num_workers=0"], tmp / f"{name}-{size}")
+        steps[name], _ = train_step(cfg, batch, size)
+        t0 = time.perf_counter()
+        steps[name]()
+        first[name] = time.perf_counter() - t0
+    return steps, first
+
+
+def compile_rows(size: int, batch: int, t: dict[str, float], first: dict[str, float]) -> list[dict]:
+    detail = (f"{size} px, batch {batch}: {t['compile'] * 1000:.0f} ms vs default {t['default'] * 1000:.0f} ms "
+              f"per step; first step (compiling) {first['compile']:.0f} s")
+    rows = [row(f"trainer.compile=true: default / compiled step time ({size} px)", t["default"] / t["compile"],
+                None, detail)]
+    steps = break_even_steps(first["compile"], t["default"], t["compile"])
+    if not math.isfinite(steps):
+        rows[0]["detail"] += "; never pays off (the compiled step is not faster)"
+    else:
+        rows.append(row(f"trainer.compile=true: steps to pay off the compilation ({size} px)", steps, None,
+                        f"(first compiled step {first['compile']:.0f} s - default step {t['default']:.3f} s) / "
+                        f"(default step - compiled step {t['compile']:.3f} s)"))
+    return rows
 
 
 def main() -> None:
@@ -22,29 +58,20 @@ def main() -> None:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="ftlab-bench-"))
     # The default experiment's size; compiling again for 224 px would double the minutes spent compiling.
-    sizes = [32] if args.tiny else [64]
+    size = 32 if args.tiny else 64
     batch, rounds = (4, 2) if args.tiny else (32, 5)
-    rows, compile_seconds = [], {}
     # Compiling takes minutes even for a toy network; tests/test_speed.py checks trainer.compile itself.
     variants = {k: v for k, v in VARIANTS.items() if not (args.tiny and k == "compile")}
-    for size in sizes:
-        steps = {}
-        for name, extra in variants.items():
-            base = TINY_OVERRIDES if args.tiny else ["model.pretrained=false"]
-            cfg = compose([*base, *extra, f"data.image_size={size}", "data.num_workers=0"], tmp / f"{name}-{size}")
-            steps[name], _ = train_step(cfg, batch, size)
-            t0 = time.perf_counter()
-            steps[name]()  # the first step compiles
-            compile_seconds[f"{name} {size}px"] = round(time.perf_counter() - t0, 1)
-        t = interleaved(steps, rounds=rounds, warmup=1)
-        for name in [v for v in variants if v != "eager"]:
-            detail = (f"{size} px, batch {batch}: {t[name] * 1000:.0f} ms vs eager {t['eager'] * 1000:.0f} ms per step"
-                      + (f"; first step (compiling) {compile_seconds[f'compile {size}px']:.0f} s"
-                         if name == "compile" else ""))
-            rows.append(row(f"trainer.{name}=true: eager / option step time ({size} px)", t["eager"] / t[name],
-                            None, detail, args.tiny))
-    write_result("speed_options", args.out, rows, {"batch": batch, "sizes": sizes, "rounds": rounds,
-                                                   "first_step_seconds": compile_seconds}, started)
+    base = TINY_OVERRIDES if args.tiny else ["model.pretrained=false"]
+    steps, first = first_steps(variants, base, size, batch, tmp)
+    t = interleaved(steps, rounds=rounds, warmup=1)
+    if args.tiny:
+        rows = [row(f"default step time, seconds ({size} px)", t["default"], None, "no compile at toy sizes", True)]
+    else:
+        rows = compile_rows(size, batch, t, first)
+    write_result("speed_options", args.out, rows, {"batch": batch, "sizes": [size], "rounds": rounds,
+                                                   "first_step_seconds": {k: round(v, 1) for k, v in first.items()}},
+                 started)
 
 
 if __name__ == "__main__":

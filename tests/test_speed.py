@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
+from ftlab.errors import UserError
 from ftlab.inference import load_predictor
+from ftlab.speed import is_conv_net, resolve_channels_last
 from ftlab.train import build, run
+from ftlab.validate import validate
 from helpers import FAST_TRAINER, TINY_MODEL
 
 
@@ -19,7 +25,8 @@ def _overrides(root: Path, *extra: str) -> list[str]:
 
 
 def test_channels_last_trains_nhwc_and_matches_eager(compose_cfg, imagefolder: Path, tmp_path: Path) -> None:
-    _, eager, _ = build(compose_cfg(_overrides(imagefolder), tmp_path / "eager"))
+    _, eager, _ = build(compose_cfg(_overrides(imagefolder, "trainer.channels_last=false"), tmp_path / "eager"))
+    assert not eager.channels_last
     _, nhwc, _ = build(compose_cfg(_overrides(imagefolder, "trainer.channels_last=true"), tmp_path / "nhwc"))
     convs = [p for n, p in nhwc.net.named_parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -55,20 +62,80 @@ def test_compile_keeps_state_dict_keys_and_artifacts(compose_cfg, imagefolder: P
 
 
 def test_speed_options_are_validated(compose_cfg, imagefolder: Path) -> None:
-    from ftlab.errors import UserError
-
     with pytest.raises(UserError, match="trainer.compile"):
         run(compose_cfg(_overrides(imagefolder, "trainer.compile=yes")))
 
 
-def test_deterministic_runs_skip_the_uninitialised_memory_fill(compose_cfg, imagefolder: Path) -> None:
-    # trainer.deterministic=warn keeps deterministic algorithms on (seeded runs repeat exactly, see
-    # test_resume.py::test_same_seed_same_metrics) without torch's NaN fill of every new tensor.
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        build(compose_cfg(_overrides(imagefolder)))
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.utils.deterministic.fill_uninitialized_memory is False
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.utils.deterministic.fill_uninitialized_memory = True
+@pytest.mark.parametrize("value", ["maybe", "1", "[true]"])
+def test_channels_last_takes_auto_true_or_false(compose_cfg, imagefolder: Path, value: str) -> None:
+    for good in ("auto", "true", "false"):
+        validate(compose_cfg(_overrides(imagefolder, f"trainer.channels_last={good}")))
+    with pytest.raises(UserError) as err:
+        validate(compose_cfg(_overrides(imagefolder, f"trainer.channels_last={value}")))
+    assert str(err.value).startswith("trainer.channels_last=") and "auto, true or false" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# -- trainer.channels_last=auto: on for conv nets, off for patch embeddings and text ------------------
+@pytest.mark.parametrize(("name", "conv"), [("test_resnet", True), ("test_efficientnet", True),
+                                            ("test_convnext", True), ("test_vit", False)])
+def test_auto_channels_last_follows_the_architecture(name: str, conv: bool) -> None:
+    net = timm.create_model(name, pretrained=False)
+    assert is_conv_net(net) is conv
+    assert resolve_channels_last("auto", net) is conv
+    assert resolve_channels_last(True, net) is True and resolve_channels_last(False, net) is False
+
+
+def test_auto_channels_last_is_off_for_text_models(tiny_bert: Path) -> None:
+    from ftlab.models.hf import build_hf_backbone
+
+    assert not is_conv_net(build_hf_backbone(str(tiny_bert), num_classes=2).net)
+
+
+def test_auto_is_the_default_and_says_what_it_chose(compose_cfg, imagefolder: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="ftlab.speed"):
+        _, cnn, _ = build(compose_cfg(_overrides(imagefolder), tmp_path / "cnn"))
+    assert cnn.channels_last and "trainer.channels_last=auto: on" in caplog.text
+    caplog.clear()
+    # LoRA on the ViT's patch embedding (targets: auto) adds a 1x1 conv: still no sliding convolution.
+    with caplog.at_level(logging.INFO, logger="ftlab.speed"):
+        vit_cfg = ["method=lora", "data=imagefolder", f"data.root={imagefolder}", "model=timm", "model.name=test_vit",
+                   "model.pretrained=false", "data.image_size=160", *FAST_TRAINER, "logger=none"]
+        _, vit, _ = build(compose_cfg(vit_cfg, tmp_path / "vit"))
+    assert any("patch_embed" in n and "lora" in n for n, _ in vit.net.named_parameters())
+    assert not vit.channels_last and "trainer.channels_last=auto: off" in caplog.text
+
+
+def _forward_backward(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode logits and the gradients of every trainable parameter (one flat float64 vector)."""
+    model.train()
+    torch.manual_seed(0)  # the same dropout / drop-path masks in every run
+    logits = model(x)
+    model.criterion(logits, y).backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return logits.double(), torch.cat(grads).double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_default_model_gives_the_same_logits_and_gradients_in_either_layout(compose_cfg, imagefolder: Path,
+                                                                              tmp_path: Path, method: str) -> None:
+    """Results "never change beyond float noise": a training forward and backward of the default model
+    (EfficientNet-Lite0, same seed so same weights) in NCHW and NHWC, each against the same network in
+    float64. Both layouts are float32 roundings of that result; they differ only in the summation order
+    of the convolutions' weight gradients."""
+    base = [f"method={method}", "data=imagefolder", f"data.root={imagefolder}", "model.pretrained=false",
+            "data.image_size=64", *FAST_TRAINER, "logger=none"]
+    models = {on: build(compose_cfg([*base, f"trainer.channels_last={on}".lower()], tmp_path / str(on)))[1]
+              for on in (False, True)}
+    assert models[True].channels_last and not models[False].channels_last
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+    exact = _forward_backward(copy.deepcopy(models[False]).double(), x.double(), y)
+    for on, model in models.items():
+        logits, grads = _forward_backward(model, x, y)
+        assert grads.shape == exact[1].shape and exact[1].norm() > 0
+        assert _rel(logits, exact[0]) < 1e-4, on
+        assert _rel(grads, exact[1]) < 3e-2, on

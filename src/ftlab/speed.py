@@ -6,6 +6,8 @@ Both keep parameter names, checkpoints and artifacts exactly as without them:
   (minutes on a small CPU); it pays off on long runs, mostly on GPUs.
 - ``channels_last`` stores 4-D conv weights and the input batches as NHWC, the layout that oneDNN and
   cuDNN convolution kernels (tensor cores) prefer. It changes memory layout only, never values' meaning.
+  ``auto`` (the default) turns it on for conv nets (:func:`is_conv_net`) and leaves it off otherwise
+  (ViT-style patch embeddings, text models); ``bench/channels_last.py`` measures each family.
 """
 
 from __future__ import annotations
@@ -23,14 +25,32 @@ log = logging.getLogger(__name__)
 SPEED_KEYS = ("compile", "channels_last")
 
 
+def is_conv_net(net: nn.Module) -> bool:
+    """Whether ``net`` slides convolutions over feature maps: it has a ``Conv2d`` whose kernel is larger
+    than its stride (ResNet, EfficientNet, MobileNet, ConvNeXt). A patch embedding (kernel = stride: ViT,
+    DeiT, Swin), LoRA's 1x1 up-projection and text models do not count."""
+    return any(isinstance(m, nn.Conv2d) and any(k > s for k, s in zip(m.kernel_size, m.stride, strict=True))
+               for m in net.modules())
+
+
+def resolve_channels_last(setting: bool | str, net: nn.Module) -> bool:
+    """``trainer.channels_last``: true/false as given; ``auto`` on for conv nets (:func:`is_conv_net`)."""
+    if setting != "auto":
+        return bool(setting)
+    on = is_conv_net(net)
+    log.info("trainer.channels_last=auto: %s (%s)", "on" if on else "off",
+             "a conv net" if on else "no sliding convolution: patch embedding or text model")
+    return on
+
+
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """Image batches (4-D) in NHWC; anything else unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
-def apply_speed_options(model: nn.Module, compile: bool = False, channels_last: bool = False) -> None:
+def apply_speed_options(model: nn.Module, compile: bool = False, channels_last: bool | str = "auto") -> None:
     """Apply ``trainer.compile`` / ``trainer.channels_last`` to a :class:`ftlab.module.ClassifierModule`."""
-    if channels_last:
+    if resolve_channels_last(channels_last, model.net):
         model.net.to(memory_format=torch.channels_last)
         model.channels_last = True
     if compile:

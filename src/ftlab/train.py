@@ -132,7 +132,7 @@ def _build_trainer(
     # trainer.compile / trainer.channels_last are ftlab's, not Lightning Trainer arguments.
     trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                                     if k not in SPEED_KEYS})
-    apply_speed_options(model, **{k: cfg.trainer.get(k, False) for k in SPEED_KEYS})
+    apply_speed_options(model, **{k: cfg.trainer[k] for k in SPEED_KEYS if k in cfg.trainer})
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                      **trainer_adjustments(trainer_cfg))
     keep_determinism_cheap()  # after the Trainer has switched deterministic algorithms on

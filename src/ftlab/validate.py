@@ -80,7 +80,7 @@ CHECKS: dict[str, Check] = {
     "trainer.profiler": (lambda v: v is None or v in ("simple", "advanced", "pytorch", "xla") or isinstance(v, (dict, DictConfig)),
                          "null, simple, advanced, pytorch or a _target_ node"),
     "trainer.compile": (lambda v: isinstance(v, bool), "true or false"),
-    "trainer.channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "trainer.channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     # callbacks
     "callbacks.step_checkpoint.every_n_steps": (lambda v: v is None or (integer(v) and v >= 0),
                                                 "null or an integer >= 0 (0: off)"),
