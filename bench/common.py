@@ -14,8 +14,10 @@ its numbers mean nothing and its rows carry ``"met": null``.
 from __future__ import annotations
 
 import argparse
+import json
 import operator
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -110,6 +112,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_after_steps(step: Callable[[], Any], steps: int) -> dict[str, float]:
+    """Run ``step`` ``steps`` times: this process's peak RSS (MiB) before (the built model) and after.
+    Meaningful in a fresh process (see :func:`start_child`)."""
+    built = peak_rss_mb()
+    for _ in range(steps):
+        step()
+    return {"peak_rss_mb": peak_rss_mb(), "built_mb": built}
+
+
+def start_child(script: str | Path, *args: Any) -> subprocess.Popen:
+    """``python <script> --child ARGS...`` in a fresh process, for figures (peak memory) that only mean
+    something there; :func:`child_result` reads the JSON it prints last."""
+    return subprocess.Popen([sys.executable, str(script), "--child", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def child_result(proc: subprocess.Popen, what: str) -> dict[str, Any]:
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what}: child process failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def peak_memory_detail(mem: dict[str, dict[str, float]], a: str, b: str, steps: int) -> str:
+    """The raw figures behind a peak-memory ratio of ``a`` over ``b`` (results of :func:`memory_after_steps`)."""
+    peak = {k: mem[k]["peak_rss_mb"] for k in (a, b)}
+    grown = {k: mem[k]["peak_rss_mb"] - mem[k]["built_mb"] for k in (a, b)}
+    return (f"peak RSS {a} {peak[a]:.0f} MiB vs {b} {peak[b]:.0f} MiB after {steps} steps; growth over the "
+            f"built model (activations, gradients, optimizer state) {grown[a]:.0f} vs {grown[b]:.0f} MiB")
+
+
 def ensure_src_on_path() -> None:
     """Run from a checkout without installing (the Makefile uses the venv, where ftlab is installed)."""
     src = str(REPO / "src")
@@ -135,22 +168,32 @@ def train_step(cfg: Any, batch: int, size: int) -> tuple[Callable[[], None], Any
     """One optimizer step (forward, loss, backward, AdamW) of the model ``cfg`` builds, on a fixed random
     batch; returns the step and the module. Built through ``ftlab.train.build``, so method, targets and
     ``trainer.channels_last``/``compile`` apply as in a run."""
-    import torch
-
     from ftlab.train import build
 
     _, model, _ = build(cfg)
     model.train()  # ClassifierModule.train keeps frozen norm statistics in eval mode
     optimizer = model.optimizer_factory(model.param_groups())
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, model.hparams.num_classes, (batch,))
+    x, y = random_batch(batch, size, model.hparams.num_classes)
+    return optimizer_step(model, model.criterion, optimizer, x, y), model
+
+
+def random_batch(batch: int, size: int, num_classes: int) -> tuple[Any, Any]:
+    """``batch`` random ``size``-px RGB images and labels."""
+    import torch
+
+    return torch.randn(batch, 3, size, size), torch.randint(0, num_classes, (batch,))
+
+
+def optimizer_step(model: Callable[[Any], Any], criterion: Callable[[Any, Any], Any], optimizer: Any,
+                   x: Any, y: Any) -> Callable[[], None]:
+    """One step on the fixed batch ``(x, y)``: zero_grad, forward, loss, backward, optimizer step."""
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model.criterion(model(x), y).backward()
+        criterion(model(x), y).backward()
         optimizer.step()
 
-    return step, model
+    return step
 
 
 def tiny_image_folder(root: Path) -> Path:

@@ -10,7 +10,6 @@ optimizer state, the Python runtime). Random initialisation: weights do not chan
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,11 +17,14 @@ from pathlib import Path
 
 from common import (
     TINY_OVERRIDES,
+    child_result,
     compose,
     interleaved,
+    memory_after_steps,
     parse_args,
-    peak_rss_mb,
+    peak_memory_detail,
     row,
+    start_child,
     train_step,
     write_result,
 )
@@ -43,16 +45,12 @@ def child(backbone: str, method: str, batch: int, size: int, steps: int, tiny: b
     """Train ``steps`` steps and print the peak RSS (MiB) as JSON: run in a fresh process."""
     cfg = compose(_overrides(backbone, method, size, tiny), Path(tempfile.mkdtemp(prefix="ftlab-bench-")))
     step, _ = train_step(cfg, batch, size)
-    built = peak_rss_mb()
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "built_mb": built}))
+    print(json.dumps(memory_after_steps(step, steps)))
 
 
 def peak_rss(backbone: str, method: str, batch: int, size: int, steps: int, tiny: bool) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", backbone, method, str(batch), str(size), str(steps)]
-    out = subprocess.run(cmd + (["--tiny"] if tiny else []), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    proc = start_child(__file__, backbone, method, batch, size, steps, *(["--tiny"] if tiny else []))
+    return child_result(proc, f"memory ({backbone}, {method})")
 
 
 def main() -> None:
@@ -81,13 +79,10 @@ def main() -> None:
             f"LoRA / full step time ({backbone}, {size} px)", t["lora"] / t["full"], "≤ 0.8",
             f"batch {batch}: lora {t['lora'] * 1000:.0f} ms vs full {t['full'] * 1000:.0f} ms per step "
             f"(median of {rounds}); trainable {trainable['lora']:,} vs {trainable['full']:,}", args.tiny))
-        peak = {m: v["peak_rss_mb"] for m, v in mem.items()}
-        grown = {m: v["peak_rss_mb"] - v["built_mb"] for m, v in mem.items()}
         rows.append(row(
-            f"LoRA / full peak memory ({backbone}, {size} px)", peak["lora"] / peak["full"], "< 1",
-            f"peak RSS lora {peak['lora']:.0f} MiB vs full {peak['full']:.0f} MiB after {mem_steps} steps; "
-            f"growth over the built model (activations, gradients, optimizer state) {grown['lora']:.0f} vs "
-            f"{grown['full']:.0f} MiB", args.tiny))
+            f"LoRA / full peak memory ({backbone}, {size} px)",
+            mem["lora"]["peak_rss_mb"] / mem["full"]["peak_rss_mb"], "< 1",
+            peak_memory_detail(mem, "lora", "full", mem_steps), args.tiny))
     write_result("lora_vs_full", args.out, rows, config, started)
 
 

@@ -46,6 +46,40 @@ still runs down to the first adapted layer, and in a CNN most of the compute is 
 layers near the stem. The shipped targets therefore start at block 2 (EfficientNet-Lite0) and stage 2
 (`model=resnet50`), so backward stops there; with adapters on every layer, stem included, a LoRA step
 costs as much as full fine-tuning ([methods.md](methods.md#where-the-adapters-go))."""),
+    "peers": ("Peers: HF peft, a bare predict loop", """\
+`bench/peers.py` measures ftlab against what a user would otherwise write, both sides alternating in
+one process after warm-up.
+
+- LoRA training step vs HF peft: the default experiment's model (timm `tf_efficientnet_lite0`, 10
+  classes, random weights) at its own size, 64 px, batch 32. ftlab's side is `method=lora` built through
+  `ftlab.train.build` as a run builds it: the shipped targets (the 26 pointwise convs of blocks 2-6 and
+  `conv_head`; no depthwise convs), r 8, alpha 16, no dropout, and the classifier head trains. peft's side
+  is the same timm model under `peft.get_peft_model` with `target_modules` set to exactly the modules ftlab
+  adapted and `modules_to_save` the head, the same rank, alpha and dropout, ftlab's base weights and LoRA
+  matrices copied in. Before timing the script asserts equal work: the same number of trainable parameters
+  on each side, peft adapting the very same modules, identical logits with non-zero adapters, and AdamW
+  with the same lr, betas and weight-decay split (none on biases); BatchNorm runs in train mode on both.
+  A step is zero_grad, forward, cross-entropy, backward and the AdamW step on one random batch. Peak memory:
+  each side trains two steps in a fresh child process (its peak resident memory, as for LoRA vs full). The
+  detail splits it into the built process, which holds what each side imports (ftlab: Lightning,
+  torchmetrics and Hydra, and torchmetrics in turn imports matplotlib, scipy.signal and transformers;
+  peft: transformers and accelerate), and the growth of training over it (activations, gradients,
+  optimizer state), which is noisy by a few tens of MiB between runs.
+  Both sides run the same convolutions; in the adapter path ftlab multiplies the rank-r tensor by alpha/r,
+  peft the full-width output of B (forward and backward).
+- `ftlab predict` vs a bare loop: `ftlab.predict.predict` with the CLI's defaults (batch 32, top-3,
+  `num_workers=auto`, the CSV written) over 384 generated 320x240 JPEG photos,
+  against a loop over the same files in the benchmark process: PIL open and RGB, the same eval transform
+  (resize, centre crop, normalise to the run's 64 px), `torch.stack`, the same network in eval mode under
+  `torch.no_grad()`, softmax and top-3, batch 32. The model is what a LoRA run (`merge=false`) leaves
+  behind, `adapter.safetensors` applied to the rebuilt pretrained base, adapters unmerged; it is loaded
+  once for both sides, and its loading (a one-off per command) is reported apart.
+
+Found on the way: `num_workers=auto` used to start cores - 1 image-decoding worker processes for
+`predict` and `eval` whatever the device, one on 2 cores. On the CPU the network already runs on every
+core torch's threads use, so that worker only took CPU time from them, and `ftlab predict` was slower
+than the bare loop that decodes in-process. On the CPU `auto` now starts workers only on the cores
+torch's threads leave free (none on 2 cores); on a GPU it is unchanged."""),
     "adapter_inference": ("Adapter inference", """\
 `bench/adapter_inference.py`: the plain default backbone and LoRA, DoRA and SSF models of it (adapters
 set to non-zero values so no branch can be skipped), each also merged, timed in eval mode without
@@ -171,7 +205,7 @@ not this file. -->
 
 # Performance
 
-`make bench` runs the benchmark suite in `bench/` (about 16 minutes on 2 CPU cores) and prints a table
+`make bench` runs the benchmark suite in `bench/` (about 17 minutes on 2 CPU cores) and prints a table
 of measured ratios beside their targets; each script also runs alone (`python bench/overhead.py`).
 The results land in `bench/results/<name>.json` plus `summary.md`, and
 `make bench ARGS="--only overhead,lora_vs_full"` picks some. Every ratio is measured side by side in

@@ -18,9 +18,8 @@ from common import parse_args
 
 HERE = Path(__file__).resolve().parent
 # Cheapest first, so a failure shows early; the default run and torch.compile take longest.
-BENCHMARKS = ("overhead", "adapter_inference", "lora_vs_full", "feature_cache", "check_cache", "checkpoints",
-              "data_pipeline", "text", "cost_growth", "channels_last", "default_run",
-              "speed_options")
+BENCHMARKS = ("overhead", "adapter_inference", "lora_vs_full", "peers", "feature_cache", "check_cache",
+              "checkpoints", "data_pipeline", "text", "cost_growth", "channels_last", "default_run", "speed_options")
 
 
 def table(results: list[dict]) -> str:

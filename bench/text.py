@@ -34,7 +34,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import compose, interleaved, parse_args, peak_rss_mb, row, write_result
+from common import (
+    child_result,
+    compose,
+    interleaved,
+    memory_after_steps,
+    parse_args,
+    peak_memory_detail,
+    row,
+    start_child,
+    write_result,
+)
 
 BASE = ["data=rotten_tomatoes", "data.batch_size=32", "data.num_workers=0", "trainer.accelerator=cpu",
         "trainer.devices=1"]
@@ -105,27 +115,16 @@ def measure_memory(method: str, steps: int, tiny_dir: str | None) -> dict[str, f
     overrides = [*BASE, *model_overrides(Path(tiny_dir) if tiny_dir else None), f"method={method}"]
     cfg = compose(overrides, Path(tempfile.mkdtemp(prefix="ftlab-bench-")))
     datamodule, model, _ = build(cfg)
-    step = text_step(model, train_batches(datamodule, steps))
-    built = peak_rss_mb()
-    for _ in range(steps):
-        step()
-    return {"peak_rss_mb": peak_rss_mb(), "built_mb": built}
+    return memory_after_steps(text_step(model, train_batches(datamodule, steps)), steps)
 
 
 def start_peak_rss(methods: tuple[str, ...], steps: int, tiny_dir: Path | None) -> dict[str, subprocess.Popen]:
     """One child per method, run at once (each measures only its own peak)."""
-    return {m: subprocess.Popen([sys.executable, __file__, "--child", m, str(steps), str(tiny_dir or "")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for m in methods}
+    return {m: start_child(__file__, m, steps, tiny_dir or "") for m in methods}
 
 
 def collect_peak_rss(procs: dict[str, subprocess.Popen]) -> dict[str, dict[str, float]]:
-    out = {}
-    for method, proc in procs.items():
-        stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child ({method}) failed:\n{stderr[-3000:]}")
-        out[method] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    return {method: child_result(proc, f"memory ({method})") for method, proc in procs.items()}
 
 
 # -- throughput: ftlab, a bare loop, transformers.Trainer ----------------------------------------------
@@ -360,13 +359,9 @@ def main() -> None:
     else:  # nothing is timed while the children run
         mem = collect_peak_rss(start_peak_rss(("full", "lora"), mem_steps, tiny_dir))
     phase("peak memory")
-    peak = {m: v["peak_rss_mb"] for m, v in mem.items()}
-    grown = {m: v["peak_rss_mb"] - v["built_mb"] for m, v in mem.items()}
     rows.append(row(
-        f"text LoRA / full peak memory ({name}, batch 32)", peak["lora"] / peak["full"], "< 1",
-        f"peak RSS lora {peak['lora']:.0f} MiB vs full {peak['full']:.0f} MiB after {mem_steps} steps; growth "
-        f"over the built model (activations, gradients, optimizer state) {grown['lora']:.0f} vs "
-        f"{grown['full']:.0f} MiB", args.tiny))
+        f"text LoRA / full peak memory ({name}, batch 32)", mem["lora"]["peak_rss_mb"] / mem["full"]["peak_rss_mb"],
+        "< 1", peak_memory_detail(mem, "lora", "full", mem_steps), args.tiny))
 
     # Throughput: ftlab, bare loop, transformers.Trainer, alternating.
     fit = [*base, "method=lora", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}",

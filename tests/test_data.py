@@ -165,3 +165,18 @@ def test_augment_presets(tmp_path: Path) -> None:
     assert isinstance(train_transform(PREPROC, "none").transforms[-1], T.Normalize)
     with pytest.raises(UserError, match="augment"):
         ImageFolderDataModule(str(tmp_path), augment="heavy")
+
+
+def test_inference_workers_leave_torch_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftlab.data import workers
+
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert workers.inference_workers("auto", on_cpu=True) == 0  # torch's threads take both cores
+    assert workers.inference_workers("auto", on_cpu=False) == 1  # the network runs elsewhere (GPU)
+    assert workers.inference_workers(3, on_cpu=True) == 3  # a number is taken as given
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert workers.inference_workers("auto", on_cpu=True) == 8
+    with pytest.raises(UserError):
+        workers.inference_workers("many", on_cpu=True)

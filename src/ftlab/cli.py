@@ -37,7 +37,8 @@ class Command:
 SHARED = {
     "adapter": Key(None, "adapter.safetensors to apply to its base model (instead of RUN)"),
     "batch_size": Key(None, "images per batch", int),
-    "num_workers": Key("auto", "image-decoding worker processes; auto = cores - 1, at most 8"),
+    "num_workers": Key("auto", "image-decoding worker processes; auto = cores - 1, at most 8\n"
+                       "(on the CPU: the cores torch's threads leave free, none on 2 cores)"),
     "device": Key("auto", "auto | cpu | cuda | cuda:N"),
 }
 

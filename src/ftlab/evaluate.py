@@ -305,7 +305,7 @@ def _image_outputs(
     samples, data, note = eval_samples(info, split, data_root)
     if not samples:
         raise UserError(f"{data}: no images to evaluate")
-    loader = image_loader([p for p, _ in samples], info["preprocessing"], batch_size, num_workers)
+    loader = image_loader([p for p, _ in samples], info["preprocessing"], batch_size, num_workers, dev)
     logits, targets, bad = [], [], []
     with torch.inference_mode():
         for x, idx, unreadable in with_progress(loader, len(loader), f"eval {split}"):

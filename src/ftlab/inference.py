@@ -35,6 +35,7 @@ from ftlab.artifacts import base_rebuildable, rebuild_backbone
 from ftlab.base_weights import BASE_KEY
 from ftlab.data.images import readable_image_loader
 from ftlab.data.transforms import eval_transform
+from ftlab.data.workers import inference_workers
 from ftlab.errors import UserError
 from ftlab.models.weights import read_state_dict
 from ftlab.runs import find_run_dir, run_config
@@ -291,10 +292,14 @@ def with_progress(batches: Iterable[Any], total: int, description: str) -> Itera
 
 # -- reading images that may be broken -----------------------------------------------------------
 def image_loader(
-    paths: list[str], preprocessing: dict[str, Any], batch_size: int, num_workers: int | str
+    paths: list[str], preprocessing: dict[str, Any], batch_size: int, num_workers: int | str,
+    device: torch.device | None = None,
 ) -> DataLoader:
-    """Batches of (good images or None, their indices, [(index, error)]) in the model's eval preprocessing."""
-    return readable_image_loader(paths, eval_transform(preprocessing), batch_size, num_workers)
+    """Batches of (good images or None, their indices, [(index, error)]) in the model's eval preprocessing.
+    ``device``: where the network runs; on the CPU ``num_workers=auto`` leaves torch's threads their cores
+    (:func:`ftlab.data.workers.inference_workers`)."""
+    workers = inference_workers(num_workers, on_cpu=device is not None and device.type == "cpu")
+    return readable_image_loader(paths, eval_transform(preprocessing), batch_size, workers)
 
 
 def warn_unreadable(bad: list[tuple[str, str]], what: str = "file(s)") -> None:

@@ -72,7 +72,7 @@ def predict(
     files = list_images(input_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     net = net.to(dev)
-    loader = image_loader(files, info["preprocessing"], batch_size, num_workers)
+    loader = image_loader(files, info["preprocessing"], batch_size, num_workers, dev)
     bad: list[tuple[str, str]] = []
     counts: Counter[str] = Counter()
     written = 0
