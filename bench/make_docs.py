@@ -59,12 +59,13 @@ one process after warm-up.
   matrices copied in. Before timing the script asserts equal work: the same number of trainable parameters
   on each side, peft adapting the very same modules, identical logits with non-zero adapters, and AdamW
   with the same lr, betas and weight-decay split (none on biases); BatchNorm runs in train mode on both.
-  A step is zero_grad, forward, cross-entropy, backward and the AdamW step on one random batch. Peak memory:
-  each side trains two steps in a fresh child process (its peak resident memory, as for LoRA vs full). The
-  detail splits it into the built process, which holds what each side imports (ftlab: Lightning,
+  A step is zero_grad, forward, cross-entropy, backward and the AdamW step on one random batch. Memory:
+  each side trains two steps in a fresh child process. The judged ratio is the training memory, the
+  growth of the peak resident memory over the built model (activations, gradients, optimizer state: what
+  a GPU's peak allocated memory counts); it is noisy by a few tens of MiB between runs. The process peak
+  is given in its own row without a target: it also holds what each side imports (ftlab: Lightning,
   torchmetrics and Hydra, and torchmetrics in turn imports matplotlib, scipy.signal and transformers;
-  peft: transformers and accelerate), and the growth of training over it (activations, gradients,
-  optimizer state), which is noisy by a few tens of MiB between runs.
+  peft: transformers and accelerate).
   Both sides run the same convolutions; in the adapter path ftlab multiplies the rank-r tensor by alpha/r,
   peft the full-width output of B (forward and backward).
 - `ftlab predict` vs a bare loop: `ftlab.predict.predict` with the CLI's defaults (batch 32, top-3,
