@@ -4,7 +4,7 @@ First the exact command `make train` runs (`python -m ftlab`, defaults) in a chi
 from start to exit. Its ``metrics.json`` holds the seconds of each phase of the run
 (``phase_seconds``, :mod:`ftlab.timing`): the start-up before the run (interpreter, imports, Hydra),
 checks, data, model, trainer, fit, test, artifacts. The libraries' own cost is measured apart, in
-children that import torch and lightning, then timm, and exit (alternating with the run), so the
+children that import torch and lightning, then timm, and exit (alternating with three runs), so the
 time around the fit splits into the libraries' and ftlab's own:
 ``ftlab's own = wall - fit - (import torch, lightning, timm + their teardown at exit)``.
 ftlab's modules are byte-compiled first (as an install does), so no child compiles them.
@@ -97,17 +97,27 @@ def main() -> None:
     # otherwise compile ftlab's sources at its start.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "ftlab")], check=True)
 
-    lib_runs = [library_seconds()]
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ftlab", *extra, f"hydra.run.dir={tmp / 'plain'}"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    lib_runs += [library_seconds() for _ in range(2)]
+    # Library children and default runs alternate (L R L R L R L); each run is split with the libraries'
+    # median, and the run whose own time is the median of the runs is reported.
+    runs = 1 if args.tiny else 3
+    lib_runs, plain_runs = [library_seconds()], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ftlab", *extra, f"hydra.run.dir={tmp / f'plain{i}'}"], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall_i = time.perf_counter() - t0
+        plain_runs.append((wall_i, json.loads((tmp / f"plain{i}" / "metrics.json").read_text())))
+        lib_runs.append(library_seconds())
+    if len(lib_runs) < 3:
+        lib_runs.append(library_seconds())
     libraries = {k: statistics.median(r[k] for r in lib_runs) for k in lib_runs[0]}
-    plain = json.loads((tmp / "plain" / "metrics.json").read_text())
+    splits = sorted(((sum(outside_fit(w, m["phase_seconds"], libraries).values()), w, m) for w, m in plain_runs),
+                    key=lambda t: t[0])
+    _, wall, plain = splits[(len(splits) - 1) // 2]
     own = outside_fit(wall, plain["phase_seconds"], libraries)
     fit_plain = plain["phase_seconds"]["fit"]
     own_total = sum(own.values())
+    own_all = [round(t[0], 2) for t in splits]
 
     import lightning as L
     from lightning.pytorch.profilers import SimpleProfiler
@@ -135,7 +145,9 @@ def main() -> None:
         row("default run: ftlab's own time outside fit / fit", own_total / fit_plain, "≤ 0.1",
             f"wall {wall:.1f} s = fit {fit_plain:.1f} + libraries {lib_total:.1f} ("
             + ", ".join(f"{k} {v:.2f}" for k, v in libraries.items()) + f") + ftlab's own {own_total:.2f}: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in own.items()), args.tiny),
+            + ", ".join(f"{k} {v:.2f}" for k, v in own.items())
+            + f" (own time of the {len(own_all)} runs: {', '.join(map(str, own_all))} s; the median shown)",
+            args.tiny),
         row("default run: profiled fit (s)", fit, None, shares, args.tiny),
     ]
     config = {"breakdown_seconds": {k: round(v, 2) for k, v in parts.items()}, "profiled_run_seconds": round(profiled_wall, 1),

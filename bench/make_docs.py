@@ -158,14 +158,15 @@ images at 64 px, and 64 / 128 / 224 px at 1,000 images. Validation is fixed at 5
 point's fit time is one training epoch plus one validation pass. Multiply by `trainer.max_epochs` to
 predict a run; `--method full` measures full fine-tuning."""),
     "default_run": ("The default experiment", """\
-`bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults) timed from
-start to exit in a child process. Its `metrics.json` records the seconds of each phase of the run
-(`phase_seconds`: start-up before the run, checks, data, model, trainer, fit, test, artifacts). The
-libraries' own cost is measured apart, in child processes that import torch and lightning, then timm,
-and exit (run before and after the default run, median of three): their imports, and their teardown at
-exit, are the same for any program built on them. What is left is ftlab's own time outside the fit,
-`wall - fit - libraries`, split by phase; the target is at most 10 % of the fit. ftlab's modules are
-byte-compiled first, as an install leaves them.
+`bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults), three
+times, each timed from start to exit in a child process. Its `metrics.json` records the seconds of each
+phase of the run (`phase_seconds`: start-up before the run, checks, data, model, trainer, fit, test,
+artifacts). The libraries' own cost is measured apart, in child processes that import torch and
+lightning, then timm, and exit (four of them, alternating with the runs; their median): their imports,
+and their teardown at exit, are the same for any program built on them. What is left is ftlab's own
+time outside the fit, `wall - fit - libraries`, split by phase, for the run with the median own time;
+the target is at most 10 % of the fit. ftlab's modules are byte-compiled first, as an install leaves
+them.
 
 Then the same configuration under Lightning's SimpleProfiler, its per-hook durations grouped into data
 loading, forward (training_step: forward, loss, metrics), backward, optimizer (step, gradient clipping,

@@ -21,7 +21,7 @@ from helpers import FAST_TRAINER, ONE_THREAD_ENV, TINY_MODEL, make_base_weights,
 # checkpoint every 5 steps never falls on an epoch end before step 30, so the first one is mid-epoch.
 STEPS_PER_EPOCH, EPOCHS, EVERY = 6, 3, 5
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOLATILE = {"fit_seconds", "peak_rss_mb", "output_dir", "best_checkpoint", "data"}
+VOLATILE = {"fit_seconds", "phase_seconds", "peak_rss_mb", "output_dir", "best_checkpoint", "data"}
 
 
 def _overrides(root: Path, *extra: str, method: str = "full") -> list[str]:
