@@ -180,9 +180,10 @@ changes the memory layout only: logits and gradients equal NCHW's up to float32 
 (tests/test_speed.py compares both layouts of the same network with a float64 reference); oneDNN sums
 the weight gradients of large early convolutions in another order, so the rounding differs, most under
 full fine-tuning of the stem. The default, `auto`, turns it on for conv nets, i.e. networks with a
-`Conv2d` whose kernel is larger than its stride (ResNet, EfficientNet, MobileNet, ConvNeXt), and leaves
-it off where the only convolution is a patch embedding (kernel = stride: ViT, DeiT, Swin) or there is
-none (text models); the run's log says which at INFO level, and `true`/`false` force it. Per backbone
+`Conv2d` whose kernel is larger than its stride (ResNet, EfficientNet, MobileNet), and leaves it off
+where the only convolution is a patch embedding (kernel = stride: ViT, DeiT, Swin), where there is none
+(text models), and for ConvNeXt, whose CPU step ran level in both layouts when this was decided
+(`ftlab.speed.NO_GAIN_FAMILIES`); the run's log says which at INFO level, and `true`/`false` force it. Per backbone
 family (default method, random weights) the model is built twice through ftlab's `build`, with `auto`
 and with the opposite setting, and their training steps alternate; each row gives NCHW / NHWC step time
 (above 1: NHWC faster) and what `auto` chose. These are CPU figures (oneDNN). On CUDA, NHWC is the

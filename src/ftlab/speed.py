@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 SPEED_KEYS = ("compile", "channels_last")
 
 
+# Conv-net families whose training step NHWC did not speed up in `make bench` (bench/channels_last.py):
+# ConvNeXt (timm and torchvision name their class so) ran level with NCHW on the CPU, so `auto` leaves it off.
+NO_GAIN_FAMILIES = ("ConvNeXt",)
+
+
 def is_conv_net(net: nn.Module) -> bool:
     """Whether ``net`` slides convolutions over feature maps: it has a ``Conv2d`` whose kernel is larger
     than its stride (ResNet, EfficientNet, MobileNet, ConvNeXt). A patch embedding (kernel = stride: ViT,
@@ -34,12 +39,15 @@ def is_conv_net(net: nn.Module) -> bool:
 
 
 def resolve_channels_last(setting: bool | str, net: nn.Module) -> bool:
-    """``trainer.channels_last``: true/false as given; ``auto`` on for conv nets (:func:`is_conv_net`)."""
+    """``trainer.channels_last``: true/false as given; ``auto`` on for conv nets (:func:`is_conv_net`)
+    outside :data:`NO_GAIN_FAMILIES`."""
     if setting != "auto":
         return bool(setting)
-    on = is_conv_net(net)
-    log.info("trainer.channels_last=auto: %s (%s)", "on" if on else "off",
-             "a conv net" if on else "no sliding convolution: patch embedding or text model")
+    family = next((f for f in NO_GAIN_FAMILIES if any(c.__name__ == f for c in type(net).__mro__)), None)
+    on = family is None and is_conv_net(net)
+    reason = ("a conv net" if on else f"{family}: measured no faster in NHWC" if family
+              else "no sliding convolution: patch embedding or text model")
+    log.info("trainer.channels_last=auto: %s (%s)", "on" if on else "off", reason)
     return on
 
 
