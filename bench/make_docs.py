@@ -31,7 +31,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
 gradient clipping, trained on the same 640 pre-transformed digits held in memory, by ftlab (Lightning
 Trainer, ftlab's DataModule loaders, rich progress bar, TensorBoard and learning-rate logging, metrics,
 the NaN guard, step checkpoints) and by a hand-written PyTorch loop. Only training batches are timed;
-the first epoch of each side is warm-up, and the two sides alternate, twice. The ratio is what ftlab's
+the first epoch of each side is warm-up, and the two sides alternate, four times. The ratio is what ftlab's
 bookkeeping costs per step."""),
     "lora_vs_full": ("LoRA vs full", """\
 `bench/lora_vs_full.py`: the training step (forward, loss, backward, AdamW) of `method=lora` and
@@ -85,13 +85,8 @@ torch's threads leave free (none on 2 cores); on a GPU it is unchanged."""),
 `bench/adapter_inference.py`: the plain default backbone and LoRA, DoRA and SSF models of it (adapters
 set to non-zero values so no branch can be skipped), each also merged, timed in eval mode without
 gradients, batch 1 (latency) at 224 px, all variants alternating. A merged model is the plain
-architecture, so its ratio is 1 up to noise. Unmerged LoRA and DoRA layers run their base layer once
-with the folded weight W + ΔW when they are in eval mode without autograd (validation, test, `ftlab
-predict`), kept until a parameter changes, instead of adding the adapter branch's own convolutions;
-so the unmerged rows should cost what the merged ones do. SSF's unmerged scale and shift remain an
-extra per-channel op.
-Deploy merged all the same (`merge=true`, or `ftlab export`,
-[after-training.md](after-training.md#export)): a plain model needs no ftlab to run."""),
+architecture, so its ratio is 1 up to noise; the unmerged rows show what the extra branches cost at
+inference. Deploy merged: `merge=true`, or `ftlab export` ([after-training.md](after-training.md#export))."""),
     "feature_cache": ("Feature cache", """\
 `bench/feature_cache.py`: `method=linear` on the digits (EfficientNet-Lite0 at 64 px, batch 32), 4
 epochs, with `data.cache_features=false` and `auto` alternating, two runs each, built and trained as

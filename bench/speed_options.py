@@ -11,6 +11,7 @@ reported separately: a run pays it once. From how many steps on it pays off:
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def first_steps(variants: dict[str, list[str]], base: list[str], size: int, batc
 
 def compile_rows(size: int, batch: int, t: dict[str, float], first: dict[str, float]) -> list[dict]:
     detail = (f"{size} px, batch {batch}: {t['compile'] * 1000:.0f} ms vs default {t['default'] * 1000:.0f} ms "
-              f"per step; first step (compiling) {first['compile']:.0f} s")
+              f"per step; first step (compiling, inductor caches off) {first['compile']:.0f} s")
     rows = [row(f"trainer.compile=true: default / compiled step time ({size} px)", t["default"] / t["compile"],
                 None, detail)]
     steps = break_even_steps(first["compile"], t["default"], t["compile"])
@@ -54,6 +55,9 @@ def compile_rows(size: int, batch: int, t: dict[str, float], first: dict[str, fl
 
 
 def main() -> None:
+    # A cold compile, as a machine's first run pays it: inductor's on-disk caches (under /tmp) would otherwise
+    # hand this benchmark the kernels of its previous run.
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     args = parse_args(__doc__.splitlines()[0])
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="ftlab-bench-"))

@@ -6,9 +6,7 @@ shape (r, in[, kh, kw]), ``<m>.lora_B.weight`` of shape (out, r[, 1, 1]), ``<m>.
 except the qkv slices (``<m>.lora_A.q.weight``), which have no peft equivalent.
 
 Training never forms W + ΔW under autograd: the adapter path is x → A → B, so the frozen base weight gets
-no dense gradient. Without autograd (validation, test, prediction) a layer in eval mode runs its base
-forward once with the folded weight W + ΔW (DoRA: rescaled), computed once and kept until a parameter
-changes: the same result up to float rounding, without the adapter branch's extra convolutions or matmuls.
+no dense gradient.
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ class LoRALayer(AdapterLayer):
 
     display_name = "LoRA"
     method = "lora"
-    extra_attributes = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "lora_config", "scaling",
-                        "_ftlab_folded")
+    extra_attributes = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "lora_config", "scaling")
 
     lora_A: nn.Module
     lora_B: nn.Module
@@ -105,55 +102,19 @@ class LoRALayer(AdapterLayer):
         return torch.cat([parts[k] if k in parts else torch.zeros_like(ref) for k in QKV_SLICES], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled() and self._can_fold():
-            return self._folded_forward(x)
-        self.__dict__.pop("_ftlab_folded", None)  # training again: the folded weight is stale memory
         out = super().forward(x)
         delta = self.lora_output(x)
         if self.lora_config["dora"]:
             return _dora.dora_output(self, out, delta, channel_dim=1 if isinstance(self, nn.Conv2d) else -1)
         return out + delta
 
-    def folded_weight(self) -> torch.Tensor:
-        """W + s·B·A (DoRA: rescaled to the magnitudes) in the base weight's dtype and memory layout."""
+    def merge_into_base(self) -> None:
         weight = self.weight
         with torch.no_grad():
             merged = weight.float() + self.delta_weight(torch.float32)
             if self.lora_config["dora"]:
                 merged = _dora.rescale_weight(merged, self.lora_magnitude_vector.float())
-        layout = torch.channels_last if weight.dim() == 4 and weight.is_contiguous(
-            memory_format=torch.channels_last) and not weight.is_contiguous() else torch.contiguous_format
-        return merged.to(weight.dtype).contiguous(memory_format=layout)
-
-    def _can_fold(self) -> bool:
-        # A plain parameter of this module (not an FSDP flat view or a DTensor shard), outside tracing.
-        weight = self._parameters.get("weight")
-        return (isinstance(weight, nn.Parameter) and type(weight.data) is torch.Tensor
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and not getattr(torch.compiler, "is_exporting", bool)() and not torch.onnx.is_in_onnx_export())
-
-    def _fold_key(self) -> tuple[Any, ...]:
-        """Changes whenever a tensor the folded weight depends on does (an optimizer step, a load, a move)."""
-        tensors = [self.weight, *(p for _, p in self.named_parameters(recurse=True) if p is not self.weight)]
-        return (self.scaling, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-
-    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = self._fold_key()
-        cached = self.__dict__.get("_ftlab_folded")
-        if cached is None or cached[0] != key:
-            cached = (key, self.folded_weight())
-            self.__dict__["_ftlab_folded"] = cached
-        weight = self._parameters["weight"]
-        # The base class's own forward (padding, fused activations) with the folded weight in place.
-        self._parameters["weight"] = cached[1]
-        try:
-            return super().forward(x)
-        finally:
-            self._parameters["weight"] = weight
-
-    def merge_into_base(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.folded_weight())
+            weight.copy_(merged.to(weight.dtype))
         restore_base(self)
 
     def extra_repr(self) -> str:
