@@ -58,7 +58,7 @@ def breakdown(durations: dict[str, list[float]], fit_seconds: float) -> dict[str
 
 # A child that imports what every run imports before ftlab's own code matters, and exits: it prints the
 # seconds since it started after torch + lightning, and after timm (ftlab.timing.process_age).
-LIBRARIES = ("import sys; from ftlab.timing import process_age; import torch, lightning; a = process_age(); "
+LIBRARIES = ("from ftlab.timing import process_age; import torch, lightning; a = process_age(); "
              "import timm; print(a, process_age())")
 
 

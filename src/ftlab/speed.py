@@ -7,7 +7,8 @@ Both keep parameter names, checkpoints and artifacts exactly as without them:
 - ``channels_last`` stores 4-D conv weights and the input batches as NHWC, the layout that oneDNN and
   cuDNN convolution kernels (tensor cores) prefer. It changes memory layout only, never values' meaning.
   ``auto`` (the default) turns it on for conv nets (:func:`is_conv_net`) and leaves it off otherwise
-  (ViT-style patch embeddings, text models); ``bench/channels_last.py`` measures each family.
+  (ViT-style patch embeddings, text models) and for :data:`NO_GAIN_FAMILIES`; ``bench/channels_last.py``
+  measures each family.
 """
 
 from __future__ import annotations

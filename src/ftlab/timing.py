@@ -1,6 +1,6 @@
 """Where a run's wall time goes: named phases, summed, and how long the process ran before the run began.
 
-:func:`ftlab.train.run` times its phases (checks, data, model, trainer, fit, test, artifacts, report) with a
+:func:`ftlab.train.run` times its phases (checks, data, model, trainer, fit, test, artifacts) with a
 :class:`Phases` and writes them to ``metrics.json`` as ``phase_seconds``; ``startup`` is the time from the
 process start to the run (interpreter, library imports, Hydra's composition), recorded for the first run of
 a process only (a multirun's later jobs start in a process that is already up). ``make bench``

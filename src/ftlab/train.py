@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ def build(
 def _build_trainer(
     cfg: DictConfig, model: ClassifierModule, datamodule: Any, extra_callbacks: Sequence[L.Callback], output_dir: Path
 ) -> L.Trainer:
-
+    """The Trainer with the configured callbacks and loggers; applies ``trainer.compile``/``channels_last``."""
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:
@@ -165,7 +164,6 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
                  datamodule.root, sizes["train"], sizes["val"], sizes["test"], output_dir)
         logs.file_only("config:\n" + OmegaConf.to_yaml(cfg, resolve=False))
 
-    started = time.perf_counter()
     # weights_only=True explicitly: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
     try:
         with phases("fit"):
@@ -175,7 +173,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         if trainer.interrupted:
             raise RunInterrupted(str(output_dir)) from None
         raise
-    fit_seconds = time.perf_counter() - started
+    fit_seconds = phases.seconds["fit"]
     if trainer.interrupted:
         raise RunInterrupted(str(output_dir))
     fit_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
@@ -185,8 +183,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         model.test_tta = test_tta  # test_tta=hflip: the test stage averages the logits of image and mirror
         with phases("test"):
-            results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False,
-                               weights_only=True)
+            results = trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None,
+                                   verbose=False, weights_only=True)
         test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
 
     artifacts: dict[str, Any] = {}
