@@ -155,13 +155,15 @@ predict a run; `--method full` measures full fine-tuning."""),
     "default_run": ("The default experiment", """\
 `bench/default_run.py`: the exact command `make train` runs (`python -m ftlab`, defaults), three
 times, each timed from start to exit in a child process. Its `metrics.json` records the seconds of each
-phase of the run (`phase_seconds`: start-up before the run, checks, data, model, trainer, fit, test,
-artifacts). The libraries' own cost is measured apart, in child processes that import torch and
-lightning, then timm, and exit (four of them, alternating with the runs; their median): their imports,
-and their teardown at exit, are the same for any program built on them. What is left is ftlab's own
-time outside the fit, `wall - fit - libraries`, split by phase, for the run with the median own time;
-the target is at most 10 % of the fit. ftlab's modules are byte-compiled first, as an install leaves
-them.
+phase of the run (`phase_seconds`: the import of torch and Lightning, the rest of the start-up, checks,
+data, model, trainer, fit, test, artifacts). timm's import is measured apart, in child processes that
+import torch and lightning, then timm, and exit (four of them, alternating with the runs; their median).
+What is left after the fit and the libraries' imports is ftlab's own time outside the fit,
+`wall - fit - imports`, split by phase, for the run with the median own time; the target is at most
+10 % of the fit. The exit counts as ftlab's own: the command line ends its process after `gc.freeze()`
+(`ftlab.process`), which spares the interpreter's final garbage collection over the half a million
+objects the libraries' imports leave, 1.6–1.9 s per process on this machine. ftlab's modules are
+byte-compiled first, as an install leaves them.
 
 Then the same configuration under Lightning's SimpleProfiler, its per-hook durations grouped into data
 loading, forward (training_step: forward, loss, metrics), backward, optimizer (step, gradient clipping,

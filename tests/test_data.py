@@ -180,3 +180,24 @@ def test_inference_workers_leave_torch_its_cores(monkeypatch: pytest.MonkeyPatch
     assert workers.inference_workers("auto", on_cpu=True) == 8
     with pytest.raises(UserError):
         workers.inference_workers("many", on_cpu=True)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the loaders are built, never iterated
+@pytest.mark.parametrize("cores,threads,expected", [(2, 2, 0), (16, 8, 8), (8, 2, 6)])
+def test_test_split_on_the_cpu_uses_the_cores_torch_leaves_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int, threads: int, expected: int
+) -> None:
+    """data.num_workers=auto: train and val keep cores - 1 workers; the test split, read once, gets the cores
+    torch's threads leave free. An explicit number is used for every split."""
+    root = make_imagefolder(tmp_path / "d", per_class=4, splits=("train", "val", "test"))
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    auto = ImageFolderDataModule(str(root), num_workers="auto", image_size=32, check_images=False)
+    fixed = ImageFolderDataModule(str(root), num_workers=1, image_size=32, check_images=False)
+    for dm in (auto, fixed):
+        dm.set_preprocessing({"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+                              "crop_pct": 1.0})
+        dm.setup("fit")
+    assert auto.train_dataloader().num_workers == auto.val_dataloader().num_workers == min(8, cores - 1)
+    assert auto.test_dataloader().num_workers == expected
+    assert fixed.train_dataloader().num_workers == fixed.test_dataloader().num_workers == 1

@@ -54,6 +54,9 @@ def test_a_run_prints_its_start_line_progress_and_summary_and_no_noise(tmp_path:
     assert "ftlab: lora on test_resnet" in log and "] - config:\n" in log
     assert f"test/acc: {metrics['test/acc']:.4f}" in log  # the summary
     assert "GPU available" in log  # the file keeps what the console leaves out
+    # The command line times its import of torch and Lightning apart from the rest of the start-up.
+    phases = metrics["phase_seconds"]
+    assert phases["imports"] > 0.5 and 0 <= phases["startup"] < phases["imports"]
 
 
 @pytest.mark.slow

@@ -168,6 +168,9 @@ def parse_args(name: str, argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
 # -- commands ---------------------------------------------------------------------------------------
 # Each command imports its module when it runs: `ftlab --help` and `ftlab report` start without torch.
 def _train(argv: list[str]) -> int:
+    from ftlab.timing import import_libraries
+
+    import_libraries("torch", "lightning")  # timed: metrics.json's phase_seconds["imports"]
     from ftlab.entry import main as train_main
 
     # Hydra parses sys.argv itself.
@@ -270,5 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def console() -> int:
+    """The ``ftlab`` command (``[project.scripts]``): :func:`main` in a process of its own."""
+    from ftlab.process import command_process
+
+    with command_process():
+        return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -221,8 +221,8 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
         "output_dir": str(output_dir),
     }
     metrics["params_trainable_pct"] = round(100.0 * metrics["params_trainable"] / metrics["params_total"], 4)
-    # Seconds per phase of this run so far (ftlab.timing); startup: process start to run, first run only.
-    metrics["phase_seconds"] = {"startup": startup, **phases.rounded()}
+    # Seconds per phase of this run so far (ftlab.timing); imports + startup: process start to run, first run only.
+    metrics["phase_seconds"] = {**startup, **phases.rounded()}
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         # One HParams session per run in TensorBoard, with the final numbers.

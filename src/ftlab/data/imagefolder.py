@@ -97,6 +97,7 @@ class ImageFolderDataModule(SplitDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.num_workers = resolve_workers(num_workers)
+        self.auto_workers = num_workers == "auto"
         self.image_size = image_size
         self.crop_pct = crop_pct
         self.augment = augment
