@@ -172,7 +172,7 @@ def train_step(cfg: Any, batch: int, size: int) -> tuple[Callable[[], None], Any
 
     _, model, _ = build(cfg)
     model.train()  # ClassifierModule.train keeps frozen norm statistics in eval mode
-    optimizer = model.optimizer_factory(model.param_groups())
+    optimizer = model.make_optimizer()
     x, y = random_batch(batch, size, model.hparams.num_classes)
     return optimizer_step(model, model.criterion, optimizer, x, y), model
 

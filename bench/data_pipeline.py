@@ -47,7 +47,7 @@ def main() -> None:
     _, model, _ = build(cfg)
     default_threads = torch.get_num_threads()
     model.train()
-    optimizer = model.optimizer_factory(model.param_groups())
+    optimizer = model.make_optimizer()
 
     loaders: dict[str, Any] = {}
     setup_s: dict[str, float] = {}

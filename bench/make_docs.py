@@ -187,7 +187,7 @@ and with the opposite setting, and their training steps alternate; each row give
 layout cuDNN's tensor-core convolution kernels use natively, so NCHW pays transposes there; PyTorch's
 [channels-last tutorial](https://pytorch.org/tutorials/intermediate/memory_format_tutorial.html)
 describes this. No GPU was measured for this page."""),
-    "speed_options": ("torch.compile", """\
+    "speed_options": ("torch.compile and the fused optimizer", """\
 `bench/speed_options.py`: `trainer.compile=true` (`torch.compile` of the network in place, so
 checkpoint keys and artifacts are unchanged) against the default (eager, `trainer.channels_last=auto`)
 on the default experiment's model (64 px, batch 32). Each is built through ftlab's own `build`, and
@@ -196,7 +196,16 @@ The break-even row gives the number of training steps after which compiling has 
 (first compiled step − default step) / (default step − compiled step). Below that many steps (a short
 run, a sweep trial) it costs time; above it, it saves time. Compile stays opt-in because of that
 up-front cost; on CPU it also needs a C compiler. When the compiled step is not faster than the
-default one, the row says so: compiling never pays off at that size."""),
+default one, the row says so: compiling never pays off at that size.
+
+The same script times the optimizer: torch's fused AdamW kernel, which ftlab uses by default where it
+is safe (torch's optimizers that take `fused`, float32 weights on the CPU or a CUDA device, full
+precision on one device or under DDP; `ftlab.speed.fused_optimizer_arguments`), against torch's own
+default, a loop of per-tensor operations (`+model.optimizer.fused=false`), for LoRA and for full
+fine-tuning: whole training steps alternating on the same batch, and the optimizer's step alone on the
+same gradients. Both compute the same update up to float32 rounding (tests/test_speed.py). Mixed
+precision keeps torch's default: with a gradient scaler Lightning refuses fused optimizers when
+gradients are clipped."""),
 }
 
 HEADER = """\

@@ -70,7 +70,7 @@ class BareLoop:
 
         _, model, _ = build(cfg)  # the same seeded model as ftlab's side builds
         self.model = copy.deepcopy(model)
-        self.optimizer = self.model.optimizer_factory(self.model.param_groups())
+        self.optimizer = self.model.make_optimizer()
         self.loader = DataLoader(TensorDataset(x, y), batch_size=cfg.data.batch_size, shuffle=True)
         total = epochs * len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, cfg.model.warmup_ratio))

@@ -189,7 +189,7 @@ def lora_rows(size: int, batch: int, rounds: int, tmp: Path, tiny: bool) -> tupl
     peer = peft_model(spec, model.net.state_dict())
     x, y = random_batch(batch, size, spec["num_classes"])
     error = check_same_function(model, peer, x)
-    ours = model.optimizer_factory(model.param_groups())
+    ours = model.make_optimizer()
     theirs_step, theirs = peer_step(peer, spec, x, y)
     counts = {"ftlab": trainable(model), "peft": trainable(peer)}
     if counts["ftlab"] != counts["peft"] or decay_split(ours) != decay_split(theirs):

@@ -6,6 +6,10 @@ batch alternate between the variants after warm-up. Compilation happens in the f
 reported separately: a run pays it once. From how many steps on it pays off:
 (first compiled step - default step) / (default step - compiled step).
 ``trainer.channels_last`` per backbone family is bench/channels_last.py.
+
+The fused optimizer (ftlab's default where it is safe, :func:`ftlab.speed.fused_optimizer_arguments`)
+against torch's default (``+model.optimizer.fused=false``), per method (LoRA, full fine-tuning): whole
+training steps on the same batch, alternating, and the optimizer's step alone on the same gradients.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common import TINY_OVERRIDES, compose, interleaved, parse_args, row, train_step, write_result
 
@@ -54,6 +60,41 @@ def compile_rows(size: int, batch: int, t: dict[str, float], first: dict[str, fl
     return rows
 
 
+def optimizer_alone(model: Any, fused: bool) -> Callable[[], None]:
+    """One optimizer step over a copy of ``model``'s trainable weights with fixed random gradients."""
+    import torch
+
+    groups = model.param_groups()
+    copies = []
+    for g in groups:
+        params = [torch.nn.Parameter(p.detach().clone()) for p in g["params"]]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        copies.append({**g, "params": params})
+    optimizer = model.optimizer_factory(copies, fused=fused)
+    return optimizer.step
+
+
+def fused_rows(method: str, base: list[str], size: int, batch: int, rounds: int, tmp: Path, tiny: bool) -> list[dict]:
+    steps, models = {}, {}
+    for name, extra in (("fused", []), ("unfused", ["+model.optimizer.fused=false"])):
+        cfg = compose([*base, f"method={method}", *extra, f"data.image_size={size}", "data.num_workers=0"],
+                      tmp / f"{method}-{name}")
+        steps[name], models[name] = train_step(cfg, batch, size)
+    t = interleaved(steps, rounds=rounds, warmup=2)
+    alone = interleaved({k: optimizer_alone(models["fused"], k == "fused") for k in ("fused", "unfused")},
+                        rounds=rounds * 10, warmup=3)
+    trainable = sum(p.numel() for p in models["fused"].parameters() if p.requires_grad)
+    return [
+        row(f"fused optimizer ({method}): torch's default / fused training step time", t["unfused"] / t["fused"],
+            None, f"{size} px, batch {batch}, {trainable:,} trainable: {t['fused'] * 1000:.0f} ms fused vs "
+            f"{t['unfused'] * 1000:.0f} ms per step (median of {rounds}, alternating)", tiny),
+        row(f"fused optimizer ({method}): torch's default / fused AdamW step alone", alone["unfused"] / alone["fused"],
+            "> 1.0", f"{alone['fused'] * 1000:.2f} ms fused vs {alone['unfused'] * 1000:.2f} ms per optimizer step "
+            f"(median of {rounds * 10}, alternating)", tiny),
+    ]
+
+
 def main() -> None:
     # A cold compile, as a machine's first run pays it: inductor's on-disk caches (under /tmp) would otherwise
     # hand this benchmark the kernels of its previous run.
@@ -73,6 +114,8 @@ def main() -> None:
         rows = [row(f"default step time, seconds ({size} px)", t["default"], None, "no compile at toy sizes", True)]
     else:
         rows = compile_rows(size, batch, t, first)
+    for method in ("lora", "full"):
+        rows += fused_rows(method, base, size, batch, rounds, tmp, args.tiny)
     write_result("speed_options", args.out, rows, {"batch": batch, "sizes": [size], "rounds": rounds,
                                                    "first_step_seconds": {k: round(v, 1) for k, v in first.items()}},
                  started)

@@ -93,7 +93,7 @@ def text_step(model: Any, batches: list[Any]) -> Callable[[], None]:
     """One optimizer step (forward, loss, backward, AdamW) of ``model`` (built by ``ftlab.train.build``) on
     the next of ``batches``, cycling: ``train_step`` of bench/common.py on real text batches."""
     model.train()
-    optimizer = model.optimizer_factory(model.param_groups())
+    optimizer = model.make_optimizer()
     state = {"i": 0}
 
     def step() -> None:
@@ -172,7 +172,7 @@ def bare_fit(cfg: Any, datamodule: Any, model: Any, order: list[int], steps: int
 
     from ftlab.module import warmup_cosine
 
-    optimizer = model.optimizer_factory(model.param_groups())
+    optimizer = model.make_optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.model.warmup_ratio))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = cfg.trainer.gradient_clip_val

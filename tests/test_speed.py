@@ -140,3 +140,52 @@ def test_default_model_gives_the_same_logits_and_gradients_in_either_layout(comp
         assert grads.shape == exact[1].shape and exact[1].norm() > 0
         assert _rel(logits, exact[0]) < 1e-4, on
         assert _rel(grads, exact[1]) < 3e-2, on
+
+
+def test_fused_optimizer_is_the_default_where_safe(compose_cfg, imagefolder: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from ftlab.speed import fused_optimizer_arguments
+
+    _, model, trainer = build(compose_cfg(_overrides(imagefolder), tmp_path / "a"))
+    model.trainer = trainer
+    assert model.make_optimizer().defaults["fused"] is True
+    # Opted out in the config, or set either way: torch's own choice.
+    _, plain, _ = build(compose_cfg(_overrides(imagefolder, "+model.optimizer.fused=false"), tmp_path / "b"))
+    assert not plain.make_optimizer().defaults["fused"]
+    _, foreach, _ = build(compose_cfg(_overrides(imagefolder, "+model.optimizer.foreach=true"), tmp_path / "c"))
+    assert not foreach.make_optimizer().defaults["fused"]
+    groups = model.param_groups()
+    factory = model.optimizer_factory
+    cpu = SingleDeviceStrategy(device=torch.device("cpu"))
+    assert fused_optimizer_arguments(factory, groups, SimpleNamespace(precision="32-true", strategy=cpu))
+    # A gradient scaler with clipping, FSDP shards, half-precision weights, other optimizers: not fused.
+    assert not fused_optimizer_arguments(factory, groups, SimpleNamespace(precision="16-mixed", strategy=cpu))
+    assert not fused_optimizer_arguments(factory, groups, SimpleNamespace(precision="32-true",
+                                                                          strategy=FSDPStrategy.__new__(FSDPStrategy)))
+    half = [{**g, "params": [p.detach().half() for p in g["params"]]} for g in groups]
+    assert not fused_optimizer_arguments(factory, half)
+    assert not fused_optimizer_arguments(lambda params, **kw: None, groups)
+
+
+def test_fused_and_unfused_adamw_take_the_same_steps() -> None:
+    """From the same weights and gradients, the fused kernel's updates equal torch's default loop up to float32
+    rounding, over several steps (weight decay, bias correction and the moments included)."""
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=3)
+    params = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fused = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05, fused=True)
+    plain = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.05, foreach=True)
+    for _ in range(5):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    moved = max(float((p - q0).detach().abs().max()) for p, q0 in zip(params, net.parameters(), strict=True))
+    assert moved > 1e-2  # the steps did change the weights
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

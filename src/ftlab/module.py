@@ -25,7 +25,7 @@ from ftlab.data.imbalance import valid_class_weights
 from ftlab.errors import UserError
 from ftlab.models import build_backbone
 from ftlab.models.head_dropout import set_head_dropout
-from ftlab.speed import to_channels_last
+from ftlab.speed import fused_optimizer_arguments, to_channels_last
 from ftlab.tta import tta_logits
 from ftlab.validate import BOOLEAN, FRACTION, NON_NEGATIVE, POSITIVE, Check, number
 
@@ -323,8 +323,18 @@ class ClassifierModule(L.LightningModule):
             )
         return out
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """``model.optimizer`` over :meth:`param_groups`, with torch's fused kernel where it is safe
+        (:func:`ftlab.speed.fused_optimizer_arguments`)."""
+        groups = self.param_groups()
+        extra = fused_optimizer_arguments(self.optimizer_factory, groups, self._trainer)
+        if extra:
+            log.info("model.optimizer: %s with torch's fused kernel", getattr(self.optimizer_factory, "func",
+                                                                               self.optimizer_factory).__name__)
+        return self.optimizer_factory(groups, **extra)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.param_groups())
+        optimizer = self.make_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, self.hparams.warmup_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
