@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 
 def _sample(x: Any, i: int) -> Any:
@@ -71,8 +72,6 @@ def _blues(share: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _font(size: int) -> Any:
     """Pillow's built-in font, scalable where Pillow has FreeType (a fixed bitmap font otherwise)."""
-    from PIL import ImageFont
-
     return ImageFont.load_default(size=size)
 
 
@@ -81,31 +80,26 @@ def _width(text: str, font: Any) -> int:
 
 
 def _height(font: Any) -> int:
-    left, top, right, bottom = font.getbbox("Ag(")
-    return bottom
+    return font.getbbox("Ag(")[3]
 
 
 def _clip(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def _vertical(text: str, font: Any, fill: tuple[int, int, int] = _INK) -> Any:
+def _vertical(text: str, font: Any) -> Image.Image:
     """A text rotated to read bottom-up (an axis label or a tick label under a crowded axis)."""
-    from PIL import Image, ImageDraw
-
     label = Image.new("RGB", (_width(text, font) + 2, _height(font) + 2), "white")
-    ImageDraw.Draw(label).text((1, 0), text, fill=fill, font=font)
+    ImageDraw.Draw(label).text((1, 0), text, fill=_INK, font=font)
     return label.rotate(90, expand=True)
 
 
-def _canvas(width: int, height: int) -> tuple[Any, Any]:
-    from PIL import Image, ImageDraw
-
+def _canvas(width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     image = Image.new("RGB", (int(width), int(height)), "white")
     return image, ImageDraw.Draw(image)
 
 
-def _pixels(image: Any) -> np.ndarray:
+def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
@@ -132,8 +126,6 @@ def confusion_figure(cm: np.ndarray, names: Sequence[str]) -> np.ndarray:
     # The matrix: one block of colour per cell.
     colours = _blues(share)
     block = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    from PIL import Image
-
     image.paste(Image.fromarray(block), (left, top))
     draw.rectangle((left - 1, top - 1, left + grid, top + grid), outline=_INK)
     if n <= 25 and cell >= 16:
@@ -156,11 +148,12 @@ def confusion_figure(cm: np.ndarray, names: Sequence[str]) -> np.ndarray:
     draw.text((left + grid / 2, 6), f"confusion matrix (test, {int(cm.sum())} images)", anchor="mt", font=font,
               fill=_INK)
     # The colour bar: 1.0 at the top.
-    ramp = _blues(np.linspace(1.0, 0.0, max(grid, 2)))[:, None, :].repeat(14, axis=1)
+    bar_h = max(grid, 2)
+    ramp = _blues(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(14, axis=1)
     image.paste(Image.fromarray(ramp), (bar_x, top))
-    draw.rectangle((bar_x - 1, top - 1, bar_x + 14, top + max(grid, 2)), outline=_INK)
+    draw.rectangle((bar_x - 1, top - 1, bar_x + 14, top + bar_h), outline=_INK)
     for value in (0.0, 0.5, 1.0):
-        y = top + (1.0 - value) * (max(grid, 2) - 1)
+        y = top + (1.0 - value) * (bar_h - 1)
         draw.line((bar_x + 14, y, bar_x + 18, y), fill=_INK)
         draw.text((bar_x + 20, y), f"{value:.1f}", anchor="lm", font=small, fill=_INK)
     label = _vertical("share of the true class", font)
@@ -206,8 +199,6 @@ def worst_figure(items: list[tuple[np.ndarray, str, str, float, float]]) -> np.n
     A mosaic of up to four columns, each image under a two-line caption. Small images are enlarged by whole
     pixels (nearest neighbour) so the caption fits above them; large ones are shrunk to 256 pixels.
     """
-    from PIL import Image
-
     font = _font(12)
     side = max(max(img.shape[:2]) for img, *_ in items)
     cols = min(4, len(items))

