@@ -8,7 +8,8 @@ artifacts. timm's import is measured apart, in children that import torch and li
 exit (alternating with three runs), so the time around the fit splits into the libraries' imports and
 ftlab's own, as issue #15 defines it: ``ftlab's own = wall - fit - (import torch, lightning, timm)``.
 The exit counts as ftlab's: the CLI decides how its process ends (:mod:`ftlab.process`); the bare
-children's exit, after the same ``gc.freeze()``, is shown beside it. ftlab's modules are byte-compiled
+children's exit, after the same ``gc.freeze()``, is shown beside it. The children import as the CLI does
+(torch and Lightning with the cyclic garbage collector off). ftlab's modules are byte-compiled
 first (as an install does), so no child compiles them.
 
 Then the same configuration again in this process under Lightning's SimpleProfiler, whose per-hook
@@ -58,11 +59,12 @@ def breakdown(durations: dict[str, list[float]], fit_seconds: float) -> dict[str
     return parts
 
 
-# A child that imports what every run imports before ftlab's own code matters, and exits as ftlab's CLI
+# A child that imports what every run imports before ftlab's own code matters, as ftlab's CLI does (torch and
+# Lightning with the collector off, then frozen; timm later, with the collector on), and exits as the CLI
 # does (gc.freeze first): it prints the seconds since it started after torch + lightning, and after timm
 # (ftlab.timing.process_age).
-LIBRARIES = ("import gc; from ftlab.timing import process_age; import torch, lightning; a = process_age(); "
-             "import timm; print(a, process_age()); gc.freeze()")
+LIBRARIES = ("import gc; gc.disable(); from ftlab.timing import process_age; import torch, lightning; "
+             "a = process_age(); gc.freeze(); gc.enable(); import timm; print(a, process_age()); gc.freeze()")
 
 
 def library_seconds() -> dict[str, float]:

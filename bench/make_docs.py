@@ -160,10 +160,11 @@ data, model, trainer, fit, test, artifacts). timm's import is measured apart, in
 import torch and lightning, then timm, and exit (four of them, alternating with the runs; their median).
 What is left after the fit and the libraries' imports is ftlab's own time outside the fit,
 `wall - fit - imports`, split by phase, for the run with the median own time; the target is at most
-10 % of the fit. The exit counts as ftlab's own: the command line ends its process after `gc.freeze()`
-(`ftlab.process`), which spares the interpreter's final garbage collection over the half a million
-objects the libraries' imports leave, 1.6–1.9 s per process on this machine. ftlab's modules are
-byte-compiled first, as an install leaves them.
+10 % of the fit. The command line keeps Python's cyclic garbage collector off the half a million
+objects the libraries' imports leave (`ftlab.process`): off while torch and Lightning import (its full
+collections there took 1.0 s of a 7 s import on this machine), and frozen before the exit, which spares
+the interpreter's final collection over them (1.6–1.9 s per process). The exit counts as ftlab's own.
+ftlab's modules are byte-compiled first, as an install leaves them.
 
 Then the same configuration under Lightning's SimpleProfiler, its per-hook durations grouped into data
 loading, forward (training_step: forward, loss, metrics), backward, optimizer (step, gradient clipping,

@@ -8,9 +8,10 @@ padded per batch, in the order ftlab's own train loader serves them (length-grou
   both built through ``ftlab.train.build``, alternating over the same few batches after warm-up. Peak
   memory: each method trains two steps in a fresh child process (its peak resident memory, as
   ``bench/lora_vs_full.py``).
-- Throughput, three ways on the same model, optimizer settings and batches (same texts, same order),
-  alternating, twice: ftlab (a real Lightning ``fit`` with ftlab's callbacks, logger and progress bar,
-  as ``bench/overhead.py`` does for images); a hand-written PyTorch loop over the same model, optimizer
+- Throughput, three ways on the same model, optimizer settings and batches (same texts, same order), in
+  three rounds whose order rotates (each side runs first, second and last once): ftlab (a real Lightning
+  ``fit`` with ftlab's callbacks, logger and progress bar, as ``bench/overhead.py`` does for images); a
+  hand-written PyTorch loop over the same model, optimizer
   groups, warmup-cosine schedule and gradient clipping; and ``transformers.Trainer`` with HF peft's
   LoRA (same rank, alpha, targets and encoder weights, mean pooling and a linear head,
   ``DataCollatorWithPadding``, CPU, no evaluation, saving or logging, 0 loader workers, the same torch
@@ -53,7 +54,7 @@ MODEL = ["model=minilm"]
 
 def _extra_args(parser: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per throughput fit (default 24; tiny 4)")
-    parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 2; tiny 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3; tiny 1)")
     parser.add_argument("--step-rounds", type=int, default=None, help="LoRA/full step-time rounds (default 6; tiny 2)")
 
 
@@ -324,7 +325,7 @@ def main() -> None:
     steps = args.steps or (4 if args.tiny else 24)
     if steps < 2:
         sys.exit("text: --steps must be at least 2 (the first is warm-up)")
-    rounds = args.rounds or (1 if args.tiny else 2)
+    rounds = args.rounds or (1 if args.tiny else 3)
     warmup = 1 if args.tiny else min(4, steps - 1)
     step_rounds, step_warmup, mem_steps, n_batches = (2, 1, 1, 2) if args.tiny else (6, 2, 2, 4)
     step_rounds = args.step_rounds or step_rounds
@@ -368,17 +369,22 @@ def main() -> None:
            "trainer.limit_val_batches=1", "test=false"]
     speeds: dict[str, list[float]] = {"ftlab": [], "bare": [], "trainer": []}
     info: dict[str, Any] = {}
+    # Each round runs the three sides in a rotated order, so that no side always runs first or last in a
+    # round (this machine drifts by several % over a minute; a fixed order would put that on one side).
+    sides = ("ftlab", "bare", "trainer")
     for r in range(rounds):
         cfg = compose(fit, tmp / f"fit-{r}")
-        speeds["ftlab"].append(ftlab_fit(cfg, warmup))
-        phase(f"round {r + 1}: ftlab {speeds['ftlab'][-1]:.1f} texts/s")
-        datamodule, model, order = prepare(cfg)  # for both: the model is the bare loop's, order both's
-        speeds["bare"].append(bare_fit(cfg, datamodule, model, order, steps, warmup))
+        datamodule, model, order = prepare(cfg)  # the bare loop's model; the batch order of all three
+        for side in sides[r % 3:] + sides[:r % 3]:
+            if side == "ftlab":
+                speeds["ftlab"].append(ftlab_fit(cfg, warmup))
+            elif side == "bare":
+                speeds["bare"].append(bare_fit(cfg, datamodule, model, order, steps, warmup))
+            else:
+                ips, info = trainer_fit(cfg, datamodule, order, steps, warmup, tmp / f"hf-{r}")
+                speeds["trainer"].append(ips)
+            phase(f"round {r + 1}: {side} {speeds[side][-1]:.1f} texts/s")
         del model
-        phase(f"round {r + 1}: bare loop {speeds['bare'][-1]:.1f} texts/s")
-        ips, info = trainer_fit(cfg, datamodule, order, steps, warmup, tmp / f"hf-{r}")
-        speeds["trainer"].append(ips)
-        phase(f"round {r + 1}: transformers.Trainer {ips:.1f} texts/s")
     ips = {k: statistics.median(v) for k, v in speeds.items()}
     width, padding = padded_tokens(datamodule, order, cfg.data.batch_size, steps)
     timed = (steps - warmup) * cfg.data.batch_size

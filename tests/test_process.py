@@ -32,3 +32,44 @@ def test_an_error_still_ends_with_its_traceback(tmp_path: Path) -> None:
     program = "from ftlab.process import command_process\nwith command_process():\n    raise ValueError('boom')\n"
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "ValueError: boom" in proc.stderr
+
+
+IMPORTS_PROGRAM = """
+import gc, sys
+from ftlab.process import command_process, library_imports
+full = []
+gc.callbacks.append(lambda phase, info: phase == "stop" and info["generation"] == 2 and full.append(1))
+with command_process():
+    before = gc.get_freeze_count()
+    try:
+        with library_imports():
+            off = not gc.isenabled()
+            junk = [[] for _ in range(300_000)]  # enough new objects to start several collections
+            gc.collect(2)  # an explicit collection still runs; count only the automatic ones below
+            full.clear()
+            more = [[] for _ in range(300_000)]
+            raise KeyError("an import failed")
+    except KeyError:
+        pass
+    print(off, gc.isenabled(), not full, gc.get_freeze_count() >= before + 600_000)
+"""
+
+
+def test_library_imports_hold_the_collector_off_then_freeze_what_they_made() -> None:
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROGRAM], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    off, enabled_after, no_automatic_full_collection, frozen = proc.stdout.split()
+    assert off == "True" and enabled_after == "True"  # off inside, back on after, even after an error
+    assert no_automatic_full_collection == "True"
+    assert frozen == "True"  # the objects made inside are in the permanent generation
+
+
+def test_library_imports_do_nothing_outside_a_command_process() -> None:
+    import gc
+
+    from ftlab.process import library_imports
+
+    frozen = gc.get_freeze_count()
+    with library_imports():
+        assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen

@@ -1,11 +1,15 @@
-from ftlab.process import command_process
+from ftlab.process import command_process, library_imports
 from ftlab.timing import import_libraries
 
-# First, and timed: metrics.json's phase_seconds["imports"] (ftlab.timing).
-import_libraries("torch", "lightning")
 
-from ftlab.entry import main  # noqa: E402
+def _main() -> None:
+    with command_process():
+        with library_imports():
+            # First, and timed: metrics.json's phase_seconds["imports"] (ftlab.timing).
+            import_libraries("torch", "lightning")
+            from ftlab.entry import main
+        main()
+
 
 if __name__ == "__main__":
-    with command_process():
-        main()
+    _main()
