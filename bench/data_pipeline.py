@@ -7,6 +7,10 @@ train loader per timed call, its persistent workers already started (the first, 
 them). Model: optimizer steps of the default method (forward, loss, backward, AdamW) on a real batch.
 Every loader and the model alternate (``interleaved``), so load from other processes falls on all alike.
 The cached loaders' one-off decode (in ``setup``) is reported separately.
+
+Last, the tensor conversion every image goes through: ftlab's one-step ``ToNormalizedTensor`` against
+torchvision's ``ToTensor()`` + ``Normalize()``, alternating over the same train images after the eval
+resize, with their outputs compared bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +29,25 @@ def _epoch(loader: Any) -> Any:
         return sum(len(y) for _, y in loader)
 
     return run
+
+
+def tensor_conversion(dm: Any, rounds: int, n: int = 256) -> dict[str, Any]:
+    """Seconds per image of ``ToNormalizedTensor`` vs ``ToTensor`` + ``Normalize`` on ``dm``'s train images."""
+    import torch
+    from torchvision import transforms as T
+
+    from ftlab.data.images import load_rgb
+    from ftlab.data.transforms import ToNormalizedTensor, eval_geometry
+
+    pre = dm.preprocessing
+    geometry = eval_geometry(pre)
+    images = [geometry(load_rgb(p)) for p, _ in dm.datasets["train"].samples[:n]]
+    fused, two = ToNormalizedTensor(pre["mean"], pre["std"]), T.Compose([T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+    t = interleaved({"fused": lambda: [fused(i) for i in images], "torchvision": lambda: [two(i) for i in images]},
+                    rounds=rounds, warmup=1)
+    return {"ratio": t["fused"] / t["torchvision"], "fused_us": 1e6 * t["fused"] / len(images),
+            "torchvision_us": 1e6 * t["torchvision"] / len(images), "images": len(images), "rounds": rounds,
+            "equal": all(torch.equal(fused(i), two(i)) for i in images)}
 
 
 def main() -> None:
@@ -69,6 +92,8 @@ def main() -> None:
                 dm.setup("fit")
                 setup_s[key] = time.perf_counter() - t0
                 loaders[key] = dm.train_dataloader()
+                if size == sizes[0] and augment == "none" and not cache:
+                    dm_first = dm
                 fns[f"loader {key}"] = _epoch(loaders[key])
                 n_train = len(dm.datasets["train"])
                 if size not in batch_images:
@@ -135,6 +160,12 @@ def main() -> None:
             "data: loader / model images/s (224 px)", u / model_ips[224], "≥ 1",
             f"uncached loader {u:.0f} img/s (augment=none) vs the default model at 224 px "
             f"{model_detail(224)} img/s", args.tiny))
+    conversion = tensor_conversion(dm_first, 1 if args.tiny else 7)
+    rows.append(row(
+        "data: ToNormalizedTensor / ToTensor + Normalize time per image", conversion["ratio"], "< 1",
+        f"{s0} px RGB, {conversion['images']} train images after the eval resize: {conversion['fused_us']:.0f} vs "
+        f"{conversion['torchvision_us']:.0f} µs per image (median of {conversion['rounds']}); outputs equal bit "
+        f"for bit on every image: {conversion['equal']}", args.tiny))
     config = {"data": str(dm.root),
               "train_images": n_train, "batch_size": batch, "num_workers": num_workers, "sizes": sizes,
               "rounds": rounds, "model_steps_per_call": {f"{k}px": v for k, v in steps.items()},

@@ -121,7 +121,9 @@ call, persistent workers already started, `data.num_workers=auto`: one worker on
 LoRA step consumes, all alternating; and the speed-up of `data.cache=true`, whose one-off decode is
 reported apart. A loader/model ratio above 1 means the model is the bottleneck: `data.cache=true` then
 does not shorten training; it pays off where reading or decoding is slow
-([data.md](data.md#in-memory-image-cache))."""),
+([data.md](data.md#in-memory-image-cache)). Last, the conversion of each image to a normalised tensor:
+ftlab's one-step `ToNormalizedTensor` against torchvision's `ToTensor()` + `Normalize()` on the same
+images, alternating, with the outputs compared bit for bit."""),
     "text": ("Text", """\
 `bench/text.py`: `data=rotten_tomatoes model=minilm` (all-MiniLM-L6-v2, 22.7 M parameters; LoRA r 8,
 alpha 16 on the query and value projections of all 6 layers) at batch 32, on real Rotten Tomatoes train
@@ -132,7 +134,8 @@ batches tokenised once and padded per batch, in the order ftlab's own train load
   alternating over the same four batches after warm-up. Peak memory: each method trains two steps in a
   fresh child process, as for images.
 - Throughput, three ways on the same model, optimizer settings and batches (the same texts in the same
-  order), alternating, twice: ftlab's own Lightning `fit` (its callbacks, TensorBoard and learning-rate
+  order), in three rounds whose order rotates, so that each side runs first, second and last once (this
+  machine drifts by several % within a minute): ftlab's own Lightning `fit` (its callbacks, TensorBoard and learning-rate
   logging, metrics, progress bar); a hand-written PyTorch loop with the same optimizer groups,
   warmup-cosine schedule and gradient clipping; and `transformers.Trainer` with HF peft's LoRA (same
   rank, alpha and targets, the same MiniLM weights with mean pooling and a linear head,

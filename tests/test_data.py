@@ -153,18 +153,40 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
 
 
 def test_augment_presets(tmp_path: Path) -> None:
-    from torchvision import transforms as T
 
-    from ftlab.data.transforms import train_transform
+    from ftlab.data.transforms import ToNormalizedTensor, train_transform
 
     names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
     assert "RandomResizedCrop" not in names(train_transform(PREPROC, "none"))
     assert names(train_transform(PREPROC, "basic", hflip=True))[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
     assert "RandomHorizontalFlip" not in names(train_transform(PREPROC, "basic", hflip=False))
     assert "TrivialAugmentWide" in names(train_transform(PREPROC, "strong"))
-    assert isinstance(train_transform(PREPROC, "none").transforms[-1], T.Normalize)
+    assert isinstance(train_transform(PREPROC, "none").transforms[-1], ToNormalizedTensor)
+    assert isinstance(train_transform(PREPROC, "strong").transforms[-1], ToNormalizedTensor)
     with pytest.raises(UserError, match="augment"):
         ImageFolderDataModule(str(tmp_path), augment="heavy")
+
+
+def test_to_normalized_tensor_equals_torchvisions_two_transforms() -> None:
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from ftlab.data.transforms import ToNormalizedTensor
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    fused, two = ToNormalizedTensor(mean, std), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    rng = np.random.default_rng(0)
+    for h, w in ((64, 64), (7, 13), (1, 1), (224, 160)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        out = fused(img)
+        assert out.dtype == torch.float32 and out.shape == (3, h, w) and out.is_contiguous()
+        assert torch.equal(out, two(img))  # bit for bit, not approximately
+    grey = Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8), "L")
+    one = ToNormalizedTensor((0.5,), (0.25,))
+    assert torch.equal(one(grey), T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.25,))])(grey))
+    with pytest.raises(ValueError, match="std"):
+        ToNormalizedTensor(mean, (0.2, 0.0, 0.2))
 
 
 def test_inference_workers_leave_torch_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
