@@ -85,15 +85,23 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
+                shuffle: bool = False) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternation (A B C A B C ...) so that load
-    from other processes falls on every side alike."""
+    from other processes falls on every side alike. ``shuffle``: each round in its own (seeded) random
+    order, so that no function always runs right after the same one (a heavy call can slow the next)."""
+    import random
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
     for _ in range(rounds):
-        for key, fn in fns.items():
+        if shuffle:
+            rng.shuffle(order)
+        for key, fn in order:
             t0 = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - t0)

@@ -84,7 +84,8 @@ torch's threads leave free (none on 2 cores); on a GPU it is unchanged."""),
     "adapter_inference": ("Adapter inference", """\
 `bench/adapter_inference.py`: the plain default backbone and LoRA, DoRA and SSF models of it (adapters
 set to non-zero values so no branch can be skipped), each also merged, timed in eval mode without
-gradients, batch 1 (latency) at 224 px, all variants alternating. A merged model is the plain
+gradients, batch 1 (latency) at 224 px, all variants alternating, each round in its own random order
+(in a fixed order each merged model always ran right after its slower unmerged form). A merged model is the plain
 architecture, so its ratio is 1 up to noise; the unmerged rows show what the extra branches cost at
 inference. Deploy merged: `merge=true`, or `ftlab export` ([after-training.md](after-training.md#export))."""),
     "feature_cache": ("Feature cache", """\
