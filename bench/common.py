@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import random
 import statistics
 import subprocess
 import sys
@@ -90,8 +91,6 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
     """Median seconds per call of each function, timed in alternation (A B C A B C ...) so that load
     from other processes falls on every side alike. ``shuffle``: each round in its own (seeded) random
     order, so that no function always runs right after the same one (a heavy call can slow the next)."""
-    import random
-
     for fn in fns.values():
         for _ in range(warmup):
             fn()

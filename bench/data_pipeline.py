@@ -73,6 +73,7 @@ def main() -> None:
     optimizer = model.make_optimizer()
 
     loaders: dict[str, Any] = {}
+    datamodules: dict[str, Any] = {}
     setup_s: dict[str, float] = {}
     fns: dict[str, Any] = {}
     batch_images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -92,8 +93,7 @@ def main() -> None:
                 dm.setup("fit")
                 setup_s[key] = time.perf_counter() - t0
                 loaders[key] = dm.train_dataloader()
-                if size == sizes[0] and augment == "none" and not cache:
-                    dm_first = dm
+                datamodules[key] = dm
                 fns[f"loader {key}"] = _epoch(loaders[key])
                 n_train = len(dm.datasets["train"])
                 if size not in batch_images:
@@ -160,7 +160,7 @@ def main() -> None:
             "data: loader / model images/s (224 px)", u / model_ips[224], "≥ 1",
             f"uncached loader {u:.0f} img/s (augment=none) vs the default model at 224 px "
             f"{model_detail(224)} img/s", args.tiny))
-    conversion = tensor_conversion(dm_first, 1 if args.tiny else 7)
+    conversion = tensor_conversion(datamodules[f"{s0}px none"], 1 if args.tiny else 7)
     rows.append(row(
         "data: ToNormalizedTensor / ToTensor + Normalize time per image", conversion["ratio"], "< 1",
         f"{s0} px RGB, {conversion['images']} train images after the eval resize: {conversion['fused_us']:.0f} vs "

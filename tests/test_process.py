@@ -36,13 +36,13 @@ def test_an_error_still_ends_with_its_traceback(tmp_path: Path) -> None:
 
 IMPORTS_PROGRAM = """
 import gc, sys
-from ftlab.process import command_process, library_imports
+from ftlab.process import command_process, imports_without_collection
 full = []
 gc.callbacks.append(lambda phase, info: phase == "stop" and info["generation"] == 2 and full.append(1))
 with command_process():
     before = gc.get_freeze_count()
     try:
-        with library_imports():
+        with imports_without_collection():
             off = not gc.isenabled()
             junk = [[] for _ in range(300_000)]  # enough new objects to start several collections
             gc.collect(2)  # an explicit collection still runs; count only the automatic ones below
@@ -55,7 +55,7 @@ with command_process():
 """
 
 
-def test_library_imports_hold_the_collector_off_then_freeze_what_they_made() -> None:
+def test_imports_without_collection_holds_the_collector_off_then_freeze_what_they_made() -> None:
     proc = subprocess.run([sys.executable, "-c", IMPORTS_PROGRAM], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     off, enabled_after, no_automatic_full_collection, frozen = proc.stdout.split()
@@ -64,12 +64,12 @@ def test_library_imports_hold_the_collector_off_then_freeze_what_they_made() -> 
     assert frozen == "True"  # the objects made inside are in the permanent generation
 
 
-def test_library_imports_do_nothing_outside_a_command_process() -> None:
+def test_imports_without_collection_does_nothing_outside_a_command_process() -> None:
     import gc
 
-    from ftlab.process import library_imports
+    from ftlab.process import imports_without_collection
 
     frozen = gc.get_freeze_count()
-    with library_imports():
+    with imports_without_collection():
         assert gc.isenabled()
     assert gc.get_freeze_count() == frozen

@@ -1,10 +1,10 @@
-from ftlab.process import command_process, library_imports
+from ftlab.process import command_process, imports_without_collection
 from ftlab.timing import import_libraries
 
 
 def _main() -> None:
     with command_process():
-        with library_imports():
+        with imports_without_collection():
             # First, and timed: metrics.json's phase_seconds["imports"] (ftlab.timing).
             import_libraries("torch", "lightning")
             from ftlab.entry import main

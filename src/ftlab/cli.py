@@ -168,10 +168,10 @@ def parse_args(name: str, argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
 # -- commands ---------------------------------------------------------------------------------------
 # Each command imports its module when it runs: `ftlab --help` and `ftlab report` start without torch.
 def _train(argv: list[str]) -> int:
-    from ftlab.process import library_imports
+    from ftlab.process import imports_without_collection
     from ftlab.timing import import_libraries
 
-    with library_imports():
+    with imports_without_collection():
         import_libraries("torch", "lightning")  # timed: metrics.json's phase_seconds["imports"]
         from ftlab.entry import main as train_main
 

@@ -9,8 +9,8 @@ the interpreter shuts down it cost 1.6–1.9 s per process (``make bench``'s def
 
 - :func:`command_process` moves the objects imported so far into the collector's permanent generation
   (:func:`gc.freeze`) when the command starts, and again before the exit.
-- :func:`library_imports`, around a command's import of the big libraries, keeps the collector off while
-  they import and freezes what they created; only inside :func:`command_process`.
+- :func:`imports_without_collection`, around a command's import of the big libraries, keeps the
+  collector off while they import and freezes what they created; only inside :func:`command_process`.
 
 Reference counting still frees everything as usual, objects created later are still collected, ``atexit``
 handlers (logging, TensorBoard writers, data-loader workers) still run, and everything ftlab writes is
@@ -45,7 +45,7 @@ def command_process() -> Iterator[None]:
 
 
 @contextmanager
-def library_imports() -> Iterator[None]:
+def imports_without_collection() -> Iterator[None]:
     """Around the command's import of torch, Lightning and the like: no cyclic collection while they import
     (their objects are long-lived; a full collection would walk all of them again and again), then freeze
     them. Does nothing outside :func:`command_process`."""
